@@ -1,0 +1,33 @@
+"""The typed errors lorakit raises for bad input.
+
+Each carries a one-line message that names what was wrong (file, line, key, field) and what was
+expected. The CLI prints the message without a traceback; library users catch the class.
+"""
+
+
+class LorakitError(Exception):
+    """Base of every error lorakit raises on purpose."""
+
+
+class ModelLoadError(LorakitError):
+    """A base model spec could not be resolved or built."""
+
+
+class AdapterError(LorakitError):
+    """An adapter directory or file is missing, malformed, or does not fit the base."""
+
+
+class TargetModulesError(LorakitError):
+    """A LoRA target list matched no module of the model."""
+
+
+class MergeError(LorakitError):
+    """A merge would produce non-finite weights, or cannot be done."""
+
+
+class ConfigError(LorakitError):
+    """A config file or override has unknown keys or bad values (all problems listed)."""
+
+
+class DataError(LorakitError):
+    """A data file has bad rows (every bad row listed with its file and line)."""

@@ -1,0 +1,1 @@
+"""lorakit.eval"""
