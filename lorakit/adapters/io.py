@@ -1,0 +1,260 @@
+"""Adapter directories in PEFT's on-disk format: save, read, check and load.
+
+A directory holds `adapter_config.json` (PEFT's `LoraConfig` fields) and
+`adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight` and
+`.lora_B.weight` (PEFT's `get_peft_model_state_dict` naming, adapter name removed), so PEFT's
+`PeftModel.from_pretrained` and vLLM read what we write, and we read theirs.
+
+The base model's identity goes with the adapter: its name in the config's
+`base_model_name_or_path` (PEFT's own field) and a hash of its weights in the safetensors header
+metadata (`lorakit.base_weights_sha256`), where PEFT and vLLM ignore it rather than warn.
+
+Only safetensors are read: a pickled `adapter_model.bin` can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.errors import AdapterError
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.inject import PEFT_PREFIX, inject, is_linear, lora_layers, lora_state_dict
+from lorakit.lora.layer import LoraLinear, linear_shape
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+HASH_KEY = "lorakit.base_weights_sha256"
+NAME_KEY = "lorakit.base_model"
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+
+
+@dataclass
+class AdapterFiles:
+    """What an adapter directory holds, read and checked on its own (without a base)."""
+
+    path: Path
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]  # PEFT key -> tensor
+    base_model: str | None
+    base_weights_sha256: str | None
+
+    def modules(self) -> list[str]:
+        """Module paths that carry an A and a B, sorted."""
+        return sorted({_KEY_RE.match(k)["module"] for k in self.tensors})
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished directory into place; an old one is removed only after the move."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path,
+                 base_identity: dict | None = None) -> Path:
+    """Write the model's LoRA layers as a PEFT adapter directory, atomically.
+
+    `base_identity` ({name, weights_sha256}) defaults to `model.lorakit_identity` when the base
+    came from `lorakit.models.load_base`.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    if not tensors:
+        raise AdapterError("the model has no LoRA layers to save (call lorakit.lora.inject first)")
+    identity = base_identity if base_identity is not None else getattr(model, "lorakit_identity", None)
+    identity = identity or {}
+    layers = dict(lora_layers(model))
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    conv1d = any(layer.fan_in_fan_out for layer in layers.values())
+    saved_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                           target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
+                           bias=cfg.bias, fan_in_fan_out=conv1d)
+    config = saved_cfg.to_peft_dict(leaves, identity.get("name"))
+    metadata = {"format": "pt"}
+    if identity.get("weights_sha256"):
+        metadata[HASH_KEY] = identity["weights_sha256"]
+    if identity.get("name"):
+        metadata[NAME_KEY] = str(identity["name"])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        with open(tmp / CONFIG_NAME, "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_adapter(adapter_dir: str | Path) -> AdapterFiles:
+    """Read and check an adapter directory on its own: files, config, key names, values."""
+    from safetensors import safe_open
+
+    path = Path(adapter_dir)
+    if not path.exists():
+        raise AdapterError(f"{path}: no such adapter directory")
+    if not path.is_dir():
+        raise AdapterError(f"{path}: not a directory (expected a folder with {CONFIG_NAME} "
+                           f"and {WEIGHTS_NAME})")
+    cfg_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not weights_path.exists() and (path / PICKLE_NAME).exists():
+        raise AdapterError(
+            f"{path / PICKLE_NAME}: pickled adapter weights are refused (loading a pickle can run "
+            "code). Convert it once, in an environment you trust: "
+            "`python -c \"import torch, safetensors.torch as s; "
+            f"s.save_file(torch.load('{path / PICKLE_NAME}', weights_only=True), "
+            f"'{weights_path}')\"`")
+    for p in (cfg_path, weights_path):
+        if not p.exists():
+            raise AdapterError(f"{p}: missing (an adapter directory needs {CONFIG_NAME} "
+                               f"and {WEIGHTS_NAME})")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{cfg_path}: expected a JSON object")
+    cfg = LoraConfig.from_peft_dict(raw, str(cfg_path))
+
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a bad header or size
+        raise AdapterError(f"{weights_path}: not a readable safetensors file ({e})") from None
+
+    problems = []
+    seen: dict[str, set[str]] = {}
+    for key, t in tensors.items():
+        m = _KEY_RE.match(key)
+        if m is None:
+            problems.append(f"{key}: unexpected key (expected "
+                            "base_model.model.<module>.lora_A.weight or .lora_B.weight)")
+            continue
+        seen.setdefault(m["module"], set()).add(m["part"])
+        if not t.is_floating_point():
+            problems.append(f"{key}: dtype {t.dtype} (expected a floating-point tensor)")
+        elif not torch.isfinite(t).all():
+            problems.append(f"{key}: holds NaN or inf values")
+        if t.dim() != 2:
+            problems.append(f"{key}: {t.dim()}-d tensor (expected 2-d)")
+        elif m["part"] == "lora_A" and t.shape[0] != cfg.r:
+            problems.append(f"{key}: shape {tuple(t.shape)} (expected ({cfg.r}, d_in) for r={cfg.r})")
+        elif m["part"] == "lora_B" and t.shape[1] != cfg.r:
+            problems.append(f"{key}: shape {tuple(t.shape)} (expected (d_out, {cfg.r}) for r={cfg.r})")
+    for module, parts in sorted(seen.items()):
+        for part in {"lora_A", "lora_B"} - parts:
+            problems.append(f"{PEFT_PREFIX}{module}.{part}.weight: missing (the file has its pair)")
+    if not tensors:
+        problems.append("no tensors")
+    if problems:
+        raise AdapterError(f"{weights_path}: bad adapter tensors:\n  " + "\n  ".join(problems))
+    return AdapterFiles(path=path, config=cfg, tensors=tensors,
+                        base_model=metadata.get(NAME_KEY) or raw.get("base_model_name_or_path"),
+                        base_weights_sha256=metadata.get(HASH_KEY))
+
+
+def _check_base(files: AdapterFiles, model: nn.Module, force: bool) -> None:
+    identity = getattr(model, "lorakit_identity", None)
+    if force or not identity or not files.base_weights_sha256:
+        return
+    if identity.get("weights_sha256") != files.base_weights_sha256:
+        raise AdapterError(
+            f"{files.path}: trained on base {files.base_model!r} (weights "
+            f"{files.base_weights_sha256[:12]}), but this base is {identity.get('name')!r} (weights "
+            f"{str(identity.get('weights_sha256'))[:12]}); pass force=True (--force) to load anyway")
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, force: bool = False,
+                 dtype: torch.dtype | None = None) -> LoraConfig:
+    """Inject the adapter's layers into `model` and load its weights; return its config.
+
+    Every tensor is checked against the base before anything is changed: its module exists and
+    is linear, its shape fits, and every module the config targets has its A and B.
+    """
+    files = read_adapter(adapter_dir)
+    _check_base(files, model, force)
+    cfg = files.config
+    weights_path = files.path / WEIGHTS_NAME
+    modules = dict(model.named_modules())
+    problems = []
+    for module_name in files.modules():
+        module = modules.get(module_name)
+        if isinstance(module, LoraLinear):
+            problems.append(f"{PEFT_PREFIX}{module_name}: the model already has a LoRA layer there")
+            continue
+        if module is None or not is_linear(module):
+            what = "no such module" if module is None else f"a {type(module).__name__}, not a linear layer"
+            problems.append(f"{PEFT_PREFIX}{module_name}.lora_A.weight: {what} in this base model")
+            continue
+        d_in, d_out = linear_shape(module)
+        a = files.tensors[f"{PEFT_PREFIX}{module_name}.lora_A.weight"]
+        b = files.tensors[f"{PEFT_PREFIX}{module_name}.lora_B.weight"]
+        if tuple(a.shape) != (cfg.r, d_in):
+            problems.append(f"{PEFT_PREFIX}{module_name}.lora_A.weight: shape {tuple(a.shape)} "
+                            f"(expected ({cfg.r}, {d_in}) for this base)")
+        if tuple(b.shape) != (d_out, cfg.r):
+            problems.append(f"{PEFT_PREFIX}{module_name}.lora_B.weight: shape {tuple(b.shape)} "
+                            f"(expected ({d_out}, {cfg.r}) for this base)")
+    if problems:
+        raise AdapterError(f"{weights_path}: does not fit this base model:\n  " + "\n  ".join(problems))
+
+    from lorakit.lora.inject import target_names
+
+    targeted = set(target_names(model, cfg))
+    missing = sorted(targeted - set(files.modules()))
+    if missing:
+        raise AdapterError(
+            f"{weights_path}: missing tensors for {len(missing)} module(s) its config targets, "
+            f"e.g. {PEFT_PREFIX}{missing[0]}.lora_A.weight")
+    extra = sorted(set(files.modules()) - targeted)
+    if extra:
+        raise AdapterError(f"{weights_path}: tensors for modules its config does not target "
+                           f"(target_modules={cfg.target_modules!r}), e.g. {PEFT_PREFIX}{extra[0]}")
+
+    inject(model, cfg, dtype=dtype)
+    with torch.no_grad():
+        for name, layer in lora_layers(model):
+            for part in ("lora_A", "lora_B"):
+                src = files.tensors[f"{PEFT_PREFIX}{name}.{part}.weight"]
+                dst = getattr(layer, part).weight
+                dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
+    return cfg
+
+
+def adapter_size_bytes(adapter_dir: str | Path) -> int:
+    return (Path(adapter_dir) / WEIGHTS_NAME).stat().st_size
+
