@@ -1,1 +1,1 @@
-"""lorakit.train"""
+"""Training: the loop, its schedule, loss, batching and checkpoints."""
