@@ -17,11 +17,15 @@ WINDOW_BATCHES = 64
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
-                  group_by_length: bool) -> list[list[int]]:
-    """The micro-batches (lists of example indices) of one epoch."""
+                  group_by_length: bool, shuffle: bool = True) -> list[list[int]]:
+    """The micro-batches (lists of example indices) of one epoch.
+
+    With `shuffle=False` the examples keep their order and `group_by_length` is not applied
+    (benchmarks use it to feed two trainers the same batches).
+    """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=g).tolist()
-    if not group_by_length:
+    order = torch.randperm(len(lengths), generator=g).tolist() if shuffle else list(range(len(lengths)))
+    if not group_by_length or not shuffle:
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     window = batch_size * WINDOW_BATCHES
     batches = []
@@ -35,9 +39,10 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
 class BatchPlan:
     """Maps a global micro-batch index to its examples, caching one epoch at a time."""
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool,
+                 shuffle: bool = True):
         self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
-        self.group_by_length = group_by_length
+        self.group_by_length, self.shuffle = group_by_length, shuffle
         self.per_epoch = (len(lengths) + batch_size - 1) // batch_size
         self._epoch, self._batches = -1, []
 
@@ -46,7 +51,7 @@ class BatchPlan:
         if epoch != self._epoch:
             self._epoch = epoch
             self._batches = epoch_batches(self.lengths, self.batch_size, self.seed, epoch,
-                                          self.group_by_length)
+                                          self.group_by_length, self.shuffle)
         return self._batches[idx]
 
     def epoch_of(self, g: int) -> float:

@@ -1,0 +1,232 @@
+"""The `lorakit` command: one table of subcommands, each a plain function (litgpt's __main__ style).
+
+Every command prints a one-line message and exits 2 on bad input (a `LorakitError`), with no
+traceback; `LORAKIT_DEBUG=1` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from lorakit.errors import LorakitError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _load(model_spec: str, adapter: str | None = None, dtype: str = "fp32", device: str = "auto",
+          force: bool = False):
+    from lorakit.adapters import load_adapter
+    from lorakit.device import dtype_of, resolve_device
+    from lorakit.models import load_base
+
+    model, tokenizer = load_base(model_spec, dtype=dtype_of(dtype), device=resolve_device(device))
+    cfg = load_adapter(model, adapter, force=force) if adapter else None
+    return model, tokenizer, cfg
+
+
+def cmd_info(args) -> int:
+    """Parameter counts of a base model, and of a LoRA on it when --r is given."""
+    from lorakit.lora import LoraConfig, count_parameters, inject
+
+    model, _, _ = _load(args.model, dtype="bf16")
+    total, _ = count_parameters(model)
+    report = {"model": args.model, "total_params": total, "trainable_params": 0, "adapted_modules": []}
+    if args.r:
+        targets = args.target_modules
+        targets = targets if targets in ("all-linear",) or not targets else targets.split(",")
+        cfg = LoraConfig(r=args.r, lora_alpha=args.lora_alpha or 2 * args.r,
+                         target_modules=targets or ["q_proj", "v_proj"])
+        names = inject(model, cfg)
+        total_with, trainable = count_parameters(model)
+        report.update(total_params=total_with, base_params=total, trainable_params=trainable,
+                      trainable_percent=100 * trainable / total_with, r=cfg.r,
+                      target_modules=cfg.target_modules, adapted_modules=names,
+                      adapter_file_bytes_fp32=4 * trainable)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    console = _console()
+    console.print(f"[bold]{args.model}[/]: {report['total_params']:,} parameters")
+    if args.r:
+        console.print(f"LoRA r={args.r} on {len(report['adapted_modules'])} modules "
+                      f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in report['adapted_modules']}))}): "
+                      f"{report['trainable_params']:,} trainable ({report['trainable_percent']:.4f}%)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Answer a chat prompt with the model's chat template (and an adapter, if given)."""
+    import torch
+
+    model, tokenizer, _ = _load(args.model, args.adapter, dtype=args.dtype, device=args.device,
+                                force=args.force)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
+    from lorakit.data.render import encode_prompt
+
+    ids = torch.tensor([encode_prompt(messages, tokenizer)], device=next(model.parameters()).device)
+    sample = args.temperature > 0
+    if sample:
+        torch.manual_seed(args.seed)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             do_sample=sample, temperature=args.temperature if sample else None,
+                             top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+    print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return 0
+
+
+def cmd_train(args) -> int:
+    """Train an adapter from a YAML config with dotted overrides."""
+    from lorakit.config import load_config
+    from lorakit.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    console = _console()
+    result = train(cfg, resume=args.resume, console=console)
+    console.print(f"[green]adapter written to[/] {result.adapter_dir} "
+                  f"({result.steps} steps, {result.seconds:.0f} s, final loss {result.train_loss:.4f}"
+                  + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "") + ")")
+    console.print(f"metrics: {result.output_dir / 'metrics.jsonl'}")
+    if cfg.eval.data:
+        from lorakit.eval.study import evaluate_run
+
+        evaluate_run(cfg, result.adapter_dir, console=console)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Evaluate a model (and adapter) on a data file; --compare puts the base beside the adapter."""
+    from lorakit.eval.study import evaluate_files
+
+    evaluate_files(args.model, args.adapter, args.data, out_dir=args.out, task=args.task,
+                   compare=args.compare, batch_size=args.batch_size, max_examples=args.max_examples,
+                   dtype=args.dtype, device=args.device, console=_console())
+    return 0
+
+
+def cmd_merge(args) -> int:
+    """Merge an adapter into its base and write a plain transformers model directory."""
+    from lorakit.adapters.merge import merge_to_directory
+
+    out = merge_to_directory(args.model, args.adapter, args.out, dtype=args.dtype, force=args.force)
+    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_data_stats(args) -> int:
+    """Counts, token lengths, duplicates and warnings for a data file."""
+    from lorakit.data.stats import data_stats, print_data_stats
+    from lorakit.models import load_tokenizer
+
+    stats = data_stats(args.file, load_tokenizer(args.model), max_seq_len=args.max_seq_len)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print_data_stats(stats, console=_console())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The bundled study: intent detection on marketplace messages, base vs LoRA."""
+    from lorakit.demo import run_demo
+
+    run_demo(args.overrides, console=_console())
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorakit", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, help=help_, description=fn.__doc__)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    def model_args(sp, adapter=True):
+        sp.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, HF directory or .gguf file")
+        if adapter:
+            sp.add_argument("--adapter", help="adapter directory (PEFT format)")
+            sp.add_argument("--force", action="store_true", help="load onto a different base anyway")
+        sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+        sp.add_argument("--device", default="auto")
+
+    sp = add("info", cmd_info, "parameter counts, with and without a LoRA")
+    sp.add_argument("--model", default=DEFAULT_MODEL)
+    sp.add_argument("--r", type=int, default=0)
+    sp.add_argument("--lora-alpha", type=float, default=0)
+    sp.add_argument("--target-modules", default="q_proj,v_proj",
+                    help="comma-separated names, or all-linear")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("generate", cmd_generate, "answer a prompt")
+    model_args(sp)
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--system")
+    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--temperature", type=float, default=0.0)
+    sp.add_argument("--seed", type=int, default=0)
+
+    sp = add("train", cmd_train, "train an adapter from a YAML config")
+    sp.add_argument("config")
+    sp.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4")
+    sp.add_argument("--resume", action="store_true", help="continue the latest complete checkpoint")
+
+    sp = add("eval", cmd_eval, "evaluate base and/or adapter on a data file")
+    model_args(sp)
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--task", default="auto", choices=["auto", "classification", "generation"])
+    sp.add_argument("--compare", action="store_true", help="evaluate the base model beside the adapter")
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--max-examples", type=int, default=0)
+    sp.add_argument("--out", default="eval_report", help="folder for report.json and report.md")
+
+    sp = add("merge", cmd_merge, "merge an adapter into its base")
+    sp.add_argument("--model", default=DEFAULT_MODEL)
+    sp.add_argument("--adapter", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    sp.add_argument("--force", action="store_true")
+
+    sp = add("data", None, "data tools")
+    data_sub = sp.add_subparsers(dest="data_command", required=True)
+    st = data_sub.add_parser("stats", help="counts, token lengths, duplicates", description=cmd_data_stats.__doc__)
+    st.set_defaults(fn=cmd_data_stats)
+    st.add_argument("file")
+    st.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer counts tokens")
+    st.add_argument("--max-seq-len", type=int, default=2048)
+    st.add_argument("--json", action="store_true")
+
+    sp = add("demo", cmd_demo, "run the bundled intent-detection study")
+    sp.add_argument("overrides", nargs="*", help="section.key=value overrides of the study config")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        return args.fn(args)
+    except LorakitError as e:
+        if os.environ.get("LORAKIT_DEBUG"):
+            raise
+        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

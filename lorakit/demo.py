@@ -1,0 +1,53 @@
+"""`lorakit demo`: the whole bundled study on SmolLM2-135M-Instruct, start to finish.
+
+Data stats, LoRA training with a progress bar, then the base model and the adapter evaluated on
+the same 500 held-out rows, with the per-class F1 table the material reports (intent detection on
+marketplace messages: a 1B model went from 36% few-shot to 88% with LoRA).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent / "examples"
+STUDY_CONFIG = EXAMPLES / "intents.yaml"
+
+
+def run_demo(overrides: list[str] = (), console=None) -> dict:
+    from rich.console import Console
+
+    from lorakit.config import load_config
+    from lorakit.data.stats import data_stats, print_data_stats
+    from lorakit.device import dtype_of, resolve_device
+    from lorakit.eval.study import evaluate_run
+    from lorakit.models import load_base
+    from lorakit.train.loop import train
+
+    console = console or Console()
+    started = time.perf_counter()
+    cfg = load_config(STUDY_CONFIG, list(overrides))
+    console.rule("[bold]lorakit demo: marketplace intent detection, base vs LoRA")
+    console.print(f"config: {STUDY_CONFIG}  (output: {cfg.train.output_dir})")
+    model, tokenizer = load_base(cfg.model.name, dtype=dtype_of(cfg.model.dtype),
+                                 device=resolve_device(cfg.model.device))
+
+    console.rule("data")
+    print_data_stats(data_stats(cfg.data.train, tokenizer, max_seq_len=cfg.data.max_seq_len), console=console)
+
+    console.rule("training")
+    result = train(cfg, model=model, tokenizer=tokenizer, console=console)
+    console.print(f"adapter: {result.adapter_dir} ({result.steps} steps in {result.seconds:.0f} s, "
+                  f"{result.input_tokens / max(result.seconds, 1e-9):,.0f} tokens/s)")
+
+    console.rule("evaluation on the held-out test rows")
+    report = evaluate_run(cfg, result.adapter_dir, model=model, tokenizer=tokenizer, console=console)
+
+    console.rule("done")
+    console.print(f"adapter:  {result.adapter_dir}")
+    console.print(f"metrics:  {result.output_dir / 'metrics.jsonl'}")
+    console.print(f"report:   {Path(cfg.train.output_dir) / 'eval'}")
+    console.print(f"try it:   lorakit generate --adapter {result.adapter_dir} "
+                  "--prompt \"is the blue sofa still available?\"")
+    console.print(f"total wall time: {time.perf_counter() - started:.0f} s")
+    return report

@@ -1,0 +1,258 @@
+"""The training loop, written out top to bottom: forward, backward, step, log, evaluate, save.
+
+In the spirit of nanoGPT's `train.py` and torchtune's recipes: no callback framework. AdamW on the
+adapter parameters only; linear warmup then cosine (`schedule.lr_at`); gradient accumulation
+where every supervised token of an optimizer step weighs the same (the step's loss is the sum of
+token losses over all its micro-batches divided by their total token count); gradient clipping;
+evaluation on the validation split; optional early stopping; checkpoints that resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.adapters import save_adapter
+from lorakit.config import RunConfig, dump_config
+from lorakit.data.collate import pad_batch
+from lorakit.device import dtype_of, resolve_device
+from lorakit.errors import LorakitError
+from lorakit.lora import adapter_parameters, count_parameters, inject, lora_layers
+from lorakit.train.batches import BatchPlan
+from lorakit.train.checkpoint import (
+    latest_checkpoint, load_checkpoint, optimizer_from_files, save_checkpoint, set_rng_state,
+)
+from lorakit.train.loss import causal_lm_loss_sum
+from lorakit.train.prepare import prepare_data
+from lorakit.train.progress import TrainProgress
+from lorakit.train.schedule import lr_at
+
+
+class TrainingError(LorakitError):
+    """Training cannot go on (non-finite loss, nothing to resume)."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    train_loss: float | None
+    val_loss: float | None
+    tokens: int  # supervised (answer) tokens seen
+    input_tokens: int  # non-padding tokens processed
+    seconds: float
+    trainable_params: int
+    total_params: int
+    stopped_early: bool = False
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def _keep_metrics_up_to(path: Path, step: int) -> None:
+    """On resume, drop rows the interrupted run logged after its checkpoint (written atomically)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()
+            and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def validation_loss(model, encoded, pad_id, batch_size, device, supervised_only=True) -> float:
+    """Mean cross-entropy per supervised token over a validation set."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        batch = pad_batch([encoded[i] for i in order[start:start + batch_size]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss_sum, n = causal_lm_loss_sum(model, batch["input_ids"], batch["labels"],
+                                         batch["attention_mask"], supervised_only)
+        total, count = total + float(loss_sum), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, console=None,
+          progress: bool = True) -> TrainResult:
+    """Train a LoRA adapter as `cfg` says; write adapter, metrics and checkpoints to output_dir.
+
+    `model`/`tokenizer` may be passed in (tests, sweeps); otherwise the base is loaded from
+    `cfg.model`. With `resume`, training continues from the latest complete checkpoint.
+    """
+    t = cfg.train
+    out = Path(t.output_dir)
+    ckpt_root, metrics_path = out / "checkpoints", out / "metrics.jsonl"
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(cfg.model.device)
+
+    # Model: the frozen base in the configured dtype, fp32 adapters on top.
+    if model is None:
+        from lorakit.models import load_base
+
+        model, tokenizer = load_base(cfg.model.name, dtype=dtype_of(cfg.model.dtype), device=device)
+    else:
+        device = next(model.parameters()).device
+    if getattr(model, "lorakit_identity", None) is None:
+        from lorakit.models.identity import base_identity
+
+        model.lorakit_identity = base_identity(model, cfg.model.name)
+    torch.manual_seed(t.seed)  # seeds the adapter init, dropout and everything after
+    inject(model, cfg.lora)
+    total_params, trainable_params = count_parameters(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # Data: encoded once; the batch plan decides the order from (seed, epoch) alone.
+    data = prepare_data(cfg, tokenizer)
+    plan = BatchPlan([len(e.input_ids) for e in data.train], t.batch_size, t.seed, t.group_by_length,
+                     t.shuffle)
+    total_steps = t.max_steps or math.ceil(t.epochs * plan.per_epoch / t.grad_accum)
+    warmup_steps = int(t.warmup_ratio * total_steps)
+
+    params = adapter_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    config_yaml = dump_config(cfg)
+
+    step, micro, tokens_seen, input_tokens = 0, 0, 0, 0
+    best_val, evals_without_gain, best_weights = math.inf, 0, None
+    if resume:
+        ckpt = latest_checkpoint(ckpt_root)
+        if ckpt is None:
+            raise TrainingError(f"{ckpt_root}: no complete checkpoint to resume from")
+        state, opt_tensors, rng_tensors = load_checkpoint(ckpt)
+        from safetensors.torch import load_file
+
+        saved = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+        with torch.no_grad():
+            for name, layer in lora_layers(model):
+                for part in ("lora_A", "lora_B"):
+                    getattr(layer, part).weight.copy_(saved[f"base_model.model.{name}.{part}.weight"])
+        optimizer_from_files(optimizer, opt_tensors, state["optimizer"])
+        set_rng_state(rng_tensors, state["rng"])
+        step, micro, tokens_seen = state["step"], state["micro_batch"], state["tokens"]
+        input_tokens = state["input_tokens"]
+        best_val = state.get("best_val_loss") or math.inf
+        evals_without_gain = state.get("evals_without_gain", 0)
+        _keep_metrics_up_to(metrics_path, step)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("")
+    (out / "config.yaml").write_text(config_yaml)
+
+    def write_adapter(path):
+        save_adapter(model, cfg.lora, path)
+
+    def checkpoint():
+        save_checkpoint(ckpt_root, step, write_adapter, optimizer,
+                        {"micro_batch": micro, "tokens": tokens_seen, "input_tokens": input_tokens,
+                         "best_val_loss": None if math.isinf(best_val) else best_val,
+                         "evals_without_gain": evals_without_gain},
+                        config_yaml, t.keep_checkpoints)
+
+    bar = TrainProgress(total_steps, step, console=console, enabled=progress)
+    bar.note(f"{len(data.train)} train / {len(data.validation)} validation examples, "
+             f"{trainable_params:,} trainable of {total_params:,} parameters "
+             f"({100 * trainable_params / total_params:.3f}%), {total_steps} steps")
+    for w in data.warnings:
+        bar.warn(w)
+
+    model.train()
+    start_time, start_tokens = time.perf_counter(), input_tokens
+    train_loss = val_loss = None
+    stopped_early = False
+    with bar:
+        while step < total_steps:
+            # Forward and backward over this step's micro-batches, weighting every token alike.
+            batches = [pad_batch([data.train[i] for i in plan[micro + k]], pad_id)
+                       for k in range(t.grad_accum)]
+            step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            loss_total = 0.0
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss_sum, _ = causal_lm_loss_sum(model, batch["input_ids"], batch["labels"],
+                                                 batch["attention_mask"], t.loss_on_supervised_only)
+                if not torch.isfinite(loss_sum):
+                    last = latest_checkpoint(ckpt_root)
+                    raise TrainingError(
+                        f"step {step + 1}: the loss is {float(loss_sum)}; training stopped. "
+                        f"Last good checkpoint: {last or 'none'}. Lower train.lr "
+                        f"(now {t.lr:g}) or use model.dtype=fp32")
+                (loss_sum / max(step_tokens, 1)).backward()
+                loss_total += loss_sum.item()
+            micro += t.grad_accum
+
+            # Step: clip, set this step's rate, update, clear.
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) \
+                if t.max_grad_norm > 0 else torch.tensor(0.0)
+            lr = lr_at(step, total_steps, warmup_steps, t.lr, t.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += step_tokens
+            input_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+            train_loss = loss_total / max(step_tokens, 1)
+
+            # Log.
+            elapsed = time.perf_counter() - start_time
+            tok_per_s = (input_tokens - start_tokens) / max(elapsed, 1e-9)
+            if step % t.log_every == 0 or step == total_steps:
+                _append_metrics(metrics_path, {
+                    "step": step, "epoch": round(plan.epoch_of(micro), 4), "loss": train_loss,
+                    "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen,
+                    "input_tokens": input_tokens,
+                    "tokens_per_s": round(tok_per_s, 1), "elapsed_s": round(elapsed, 2)})
+            bar.update(step, loss=train_loss, lr=lr, tok_per_s=tok_per_s)
+
+            # Evaluate.
+            if data.validation and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
+                val_loss = validation_loss(model, data.validation, pad_id, t.batch_size, device,
+                                           t.loss_on_supervised_only)
+                _append_metrics(metrics_path, {"step": step, "val_loss": val_loss,
+                                               "val_ppl": math.exp(min(val_loss, 50))})
+                bar.note(f"step {step}: validation loss {val_loss:.4f}")
+                if val_loss < best_val:
+                    best_val, evals_without_gain = val_loss, 0
+                    if t.early_stopping_patience:
+                        best_weights = {n: p.detach().clone() for n, p in model.named_parameters()
+                                        if p.requires_grad}
+                else:
+                    evals_without_gain += 1
+                if t.early_stopping_patience and evals_without_gain >= t.early_stopping_patience:
+                    stopped_early = True
+                    bar.note(f"early stop at step {step}: no validation gain in "
+                             f"{evals_without_gain} evaluations; keeping the best adapter "
+                             f"(validation loss {best_val:.4f})")
+
+            # Save.
+            if (t.save_every and step % t.save_every == 0) or step == total_steps or stopped_early:
+                checkpoint()
+            if stopped_early:
+                break
+
+    if stopped_early and best_weights is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in best_weights:
+                    p.copy_(best_weights[n])
+        val_loss = best_val
+    adapter_dir = save_adapter(model, cfg.lora, out / "adapter")
+    model.eval()
+    return TrainResult(out, adapter_dir, step, train_loss, val_loss, tokens_seen, input_tokens,
+                       time.perf_counter() - start_time, trainable_params, total_params, stopped_early)
