@@ -207,6 +207,15 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--max-seq-len", type=int, default=2048)
     st.add_argument("--json", action="store_true")
 
+    from lorakit.calc.cli import add_calc_arguments, calc_main
+    from lorakit.serve.app import add_serve_parser
+    from lorakit.serve.cli_adapters import add_adapters_parser
+
+    sp = add("calc", calc_main, "parameters and memory for training and serving, from the config alone")
+    add_calc_arguments(sp)
+    add_serve_parser(sub)
+    add_adapters_parser(sub)
+
     sp = add("demo", cmd_demo, "run the bundled intent-detection study")
     sp.add_argument("overrides", nargs="*", help="section.key=value overrides of the study config")
     return p

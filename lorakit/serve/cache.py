@@ -1,0 +1,202 @@
+"""`AdapterCache`: adapters on demand, disk -> CPU (LRU, `max_cpu_loras`) -> slots (`max_loras`).
+
+The two tiers follow vLLM's `LRUCacheWorkerLoRAManager` / `LRUCacheLoRAModelManager`: a request
+for an adapter that is not in a slot takes a free slot, or evicts the least recently used slot
+that no running request holds and that is not pinned; the weights come from the CPU tier when
+they are there (a hit) and from disk otherwise (a miss), and the CPU tier evicts its own least
+recently used adapter. When every slot is held by running requests, `acquire` returns None and
+the scheduler leaves the request queued until one is released.
+
+Every adapter is checked against the served base before it reaches a slot: base weights hash
+(when both sides know it), rank <= `max_lora_rank`, every tensor naming a served layer with the
+right shape. A bad adapter raises `AdapterError` with the reason; nothing else is disturbed.
+
+Only the engine thread calls the mutating methods (slots are written between forward passes);
+`snapshot` is safe to read from other threads for /metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.adapters.io import AdapterFiles, read_adapter
+from lorakit.errors import AdapterError
+from lorakit.lora.inject import PEFT_PREFIX
+from lorakit.serve.layer import MultiLoraLinear
+from lorakit.serve.lru import LruTier, TierFull
+from lorakit.serve.registry import AdapterRecord, AdapterRegistry, check_name, resolve_under
+
+
+class UnknownAdapter(AdapterError):
+    """No adapter of that name is registered or found under the adapters root."""
+
+
+@dataclass
+class CpuAdapter:
+    """One adapter's checked weights in host memory, keyed by served module name."""
+
+    name: str
+    rank: int
+    scaling: float
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A (r, d_in), B (d_out, r))
+    nbytes: int
+
+
+class AdapterCache:
+    def __init__(self, layers: dict[str, MultiLoraLinear], registry: AdapterRegistry,
+                 base_identity: dict | None, max_loras: int, max_cpu_loras: int,
+                 max_lora_rank: int, adapters_root: str | Path | None = None):
+        if max_cpu_loras < max_loras:
+            raise AdapterError(f"max_cpu_loras ({max_cpu_loras}) must be >= max_loras ({max_loras})")
+        self.layers = layers
+        self.registry = registry
+        self.base_identity = base_identity or {}
+        self.max_lora_rank = max_lora_rank
+        self.adapters_root = Path(adapters_root) if adapters_root else None
+        self.cpu = LruTier(max_cpu_loras)
+        self.slots = LruTier(max_loras)
+        self._cpu: dict[str, CpuAdapter] = {}
+        self.slot_of: dict[str, int] = {}
+        self._free_slots = list(range(max_loras))
+        self.disk_loads = 0
+
+    # -- checks -------------------------------------------------------------------------------
+
+    def check(self, files: AdapterFiles, name: str) -> CpuAdapter:
+        """The adapter's weights if they fit the served base, else `AdapterError` naming why."""
+        want = self.base_identity.get("weights_sha256")
+        if want and files.base_weights_sha256 and files.base_weights_sha256 != want:
+            raise AdapterError(
+                f"adapter {name!r} ({files.path}) was trained on base {files.base_model!r} (weights "
+                f"{files.base_weights_sha256[:12]}), but this server serves "
+                f"{self.base_identity.get('name')!r} (weights {want[:12]})")
+        r = files.config.r
+        if r > self.max_lora_rank:
+            raise AdapterError(f"adapter {name!r} ({files.path}) has rank {r}, above this server's "
+                               f"max_lora_rank={self.max_lora_rank}")
+        problems, weights = [], {}
+        for module in files.modules():
+            a = files.tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"]
+            b = files.tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"]
+            layer = self.layers.get(module)
+            if layer is None:
+                problems.append(f"{PEFT_PREFIX}{module}: not a layer this server adapts (served "
+                                f"layers end in {sorted({n.rsplit('.', 1)[-1] for n in self.layers})})")
+                continue
+            if tuple(a.shape) != (r, layer.in_features) or tuple(b.shape) != (layer.out_features, r):
+                problems.append(f"{PEFT_PREFIX}{module}: A {tuple(a.shape)}, B {tuple(b.shape)} "
+                                f"(expected A ({r}, {layer.in_features}), B ({layer.out_features}, {r}))")
+                continue
+            weights[module] = (a.contiguous(), b.contiguous())
+        if problems:
+            raise AdapterError(f"adapter {name!r} ({files.path}) does not fit the served base:\n  "
+                               + "\n  ".join(problems))
+        nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                     for a, b in weights.values())
+        return CpuAdapter(name, r, files.config.scaling, weights, nbytes)
+
+    def record(self, name: str) -> AdapterRecord:
+        """The registry row for `name`; an unregistered name found as a directory under the
+        adapters root is registered on first use (vLLM's filesystem resolver does the same)."""
+        rec = self.registry.get(name)
+        if rec is not None:
+            return rec
+        check_name(name)
+        if self.adapters_root is not None:
+            path = resolve_under(self.adapters_root, name)
+            if path.is_dir():
+                files = read_adapter(path)
+                self.check(files, name)
+                return self.registry.add(name, path, files)
+        raise UnknownAdapter(f"the model {name!r} does not exist (not the base and not a "
+                             "registered adapter)")
+
+    # -- tiers --------------------------------------------------------------------------------
+
+    def load_cpu(self, name: str) -> CpuAdapter:
+        """The adapter's weights from the CPU tier, reading them from disk on a miss."""
+        if self.cpu.touch(name):
+            return self._cpu[name]
+        rec = self.record(name)
+        adapter = self.check(read_adapter(rec.path), name)
+        self.disk_loads += 1
+        try:
+            evicted = self.cpu.add(name)
+        except TierFull:
+            raise AdapterError(f"cannot load adapter {name!r}: all {self.cpu.capacity} CPU cache "
+                               "entries are pinned (unpin one or raise max_cpu_loras)") from None
+        if evicted is not None:
+            del self._cpu[evicted]
+        self._cpu[name] = adapter
+        if rec.pinned:
+            self.cpu.pin(name)
+        return adapter
+
+    def acquire(self, name: str) -> int | None:
+        """A slot holding `name` for one running request, or None while every slot is busy.
+
+        Raises `AdapterError` (or `UnknownAdapter`) when the adapter cannot be served at all.
+        """
+        if self.slots.touch(name):
+            self.slots.acquire(name)
+            return self.slot_of[name]
+        if len(self.slots) >= self.slots.capacity and self.slots.victim() is None:
+            return None
+        adapter = self.load_cpu(name)
+        evicted = self.slots.add(name)
+        if evicted is not None:
+            slot = self.slot_of.pop(evicted)
+            for layer in self.layers.values():
+                layer.reset_lora(slot)
+        else:
+            slot = self._free_slots.pop(0)
+        for module, (a, b) in adapter.weights.items():
+            self.layers[module].set_lora(slot, a, b, adapter.scaling)
+        self.slot_of[name] = slot
+        if self.cpu.pinned(name):
+            self.slots.pin(name)
+        self.slots.acquire(name)
+        return slot
+
+    def release(self, name: str) -> None:
+        self.slots.release(name)
+
+    def unload(self, name: str) -> bool:
+        """Drop `name` from both tiers; refused while running requests use it."""
+        if self.slots.in_use(name):
+            raise AdapterError(f"adapter {name!r} is in use by {self.slots.in_use(name)} running "
+                               "request(s); retry when they finish")
+        was = name in self.slots or name in self.cpu
+        if name in self.slots:
+            slot = self.slot_of.pop(name)
+            for layer in self.layers.values():
+                layer.reset_lora(slot)
+            self._free_slots.append(slot)
+            self.slots.remove(name)
+        self.cpu.remove(name)
+        self._cpu.pop(name, None)
+        return was
+
+    def set_pinned(self, name: str, pinned: bool) -> None:
+        self.registry.set_pinned(name, pinned)
+        for tier in (self.cpu, self.slots):
+            if name in tier:
+                tier.pin(name) if pinned else tier.unpin(name)
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """Counters and residency for /metrics and the admin routes."""
+        cpu = {n: self._cpu[n].nbytes for n in list(self._cpu)}
+        return {
+            "slot_hits": self.slots.hits, "slot_misses": self.slots.misses,
+            "slot_evictions": self.slots.evictions,
+            "cpu_hits": self.cpu.hits, "cpu_misses": self.cpu.misses,
+            "cpu_evictions": self.cpu.evictions, "disk_loads": self.disk_loads,
+            "cpu_resident": cpu,
+            "slots": dict(self.slot_of),
+            "max_loras": self.slots.capacity, "max_cpu_loras": self.cpu.capacity,
+        }

@@ -1,0 +1,131 @@
+"""`lorakit adapters add|list|remove`: the adapter registry from the command line.
+
+Plain functions over `AdapterRegistry` (lorakit/serve/registry.py), plus `add_adapters_parser`
+which puts the three subcommands under one `adapters` command of the main parser (litgpt style:
+a table of subcommands to plain functions). Every check `read_adapter` makes (files present,
+safetensors only, key names, shapes against the rank, no NaN/inf) runs when an adapter is added;
+`--base` also loads the base model and checks the adapter fits it (weights hash and shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from lorakit.adapters.io import read_adapter
+from lorakit.errors import AdapterError
+from lorakit.serve.registry import AdapterRecord, AdapterRegistry, check_name
+
+
+def _check_against_base(path: Path, base: str) -> None:
+    """Load `base` and put the adapter on it: refuses a wrong base (hash) or shapes that do not fit."""
+    import torch
+
+    from lorakit.adapters.io import load_adapter
+    from lorakit.models import load_base
+
+    model, _ = load_base(base, dtype=torch.float32, device="cpu")
+    load_adapter(model, path)
+
+
+def add_adapter(name: str, path: str | Path, replace: bool = False, base: str | None = None,
+                eval_results: str | Path | None = None,
+                registry: AdapterRegistry | None = None) -> AdapterRecord:
+    """Check the adapter directory and register it under `name`.
+
+    `eval_results` is a JSON file (e.g. what `lorakit eval` wrote) stored with the entry.
+    """
+    check_name(name)
+    path = Path(path)
+    files = read_adapter(path)
+    if base is not None:
+        _check_against_base(path, base)
+    results = None
+    if eval_results is not None:
+        try:
+            results = json.loads(Path(eval_results).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise AdapterError(f"{eval_results}: cannot read evaluation results ({e})") from None
+    registry = registry or AdapterRegistry()
+    return registry.add(name, path, files, eval_results=results, replace=replace)
+
+
+def list_adapters(registry: AdapterRegistry | None = None) -> list[AdapterRecord]:
+    return (registry or AdapterRegistry()).list()
+
+
+def remove_adapter(name: str, registry: AdapterRegistry | None = None) -> None:
+    """Forget `name` (its files are left in place)."""
+    if not (registry or AdapterRegistry()).remove(name):
+        raise AdapterError(f"adapter {name!r} is not registered (see `lorakit adapters list`)")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_adapters_add(args: argparse.Namespace) -> int:
+    """Register an adapter directory under a name (checked before it is recorded)."""
+    rec = add_adapter(args.name, args.path, replace=args.replace, base=args.base,
+                      eval_results=args.eval_results)
+    print(f"registered {rec.name}: {rec.path} (r={rec.rank}, base={rec.base_model}, "
+          f"{_human(rec.size_bytes)})")
+    return 0
+
+
+def cmd_adapters_list(args: argparse.Namespace) -> int:
+    """List registered adapters with their base, rank, targets, size and evaluation results."""
+    records = list_adapters()
+    if args.json:
+        print(json.dumps([r.to_json() for r in records], indent=2))
+        return 0
+    if not records:
+        print("no adapters registered (add one with `lorakit adapters add NAME PATH`)")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "base", "r", "targets", "size", "created", "eval", "pinned", "path")
+    for r in records:
+        targets = r.target_modules if isinstance(r.target_modules, str) else ",".join(r.target_modules)
+        evals = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in (r.eval_results or {}).items()
+                          if isinstance(v, (int, float, str))) or "-"
+        table.add_row(r.name, str(r.base_model), str(r.rank), targets, _human(r.size_bytes),
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), evals,
+                      "yes" if r.pinned else "", r.path)
+    Console().print(table)
+    return 0
+
+
+def cmd_adapters_remove(args: argparse.Namespace) -> int:
+    """Remove an adapter from the registry (its files stay where they are)."""
+    remove_adapter(args.name)
+    print(f"removed {args.name}")
+    return 0
+
+
+def add_adapters_parser(sub) -> None:
+    """Add `adapters add|list|remove` to the main parser's subcommands (`sub`)."""
+    sp = sub.add_parser("adapters", help="the adapter registry used by `lorakit serve`",
+                        description=__doc__.split("\n")[0])
+    actions = sp.add_subparsers(dest="adapters_command", required=True)
+    add = actions.add_parser("add", help="register an adapter", description=cmd_adapters_add.__doc__)
+    add.add_argument("name", help="name clients use in the `model` field ([A-Za-z0-9._-]+)")
+    add.add_argument("path", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    add.add_argument("--replace", action="store_true", help="replace an entry of the same name")
+    add.add_argument("--base", default=None, help="load this base model and check the adapter fits it")
+    add.add_argument("--eval-results", default=None, help="JSON file of evaluation results to store")
+    add.set_defaults(fn=cmd_adapters_add)
+    ls = actions.add_parser("list", help="list adapters", description=cmd_adapters_list.__doc__)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(fn=cmd_adapters_list)
+    rm = actions.add_parser("remove", help="forget an adapter", description=cmd_adapters_remove.__doc__)
+    rm.add_argument("name")
+    rm.set_defaults(fn=cmd_adapters_remove)

@@ -1,0 +1,157 @@
+"""`ServeConfig`: what `lorakit serve` serves and its limits; typed dataclasses, stored in YAML.
+
+As for training runs (lorakit/config.py, after litgpt's `args.py`): the dataclasses are the
+schema, YAML only stores them, dotted overrides (`limits.max_tokens=256`) change one field, and
+every unknown key or bad value is collected and reported at once in one `ConfigError`.
+
+Limit defaults follow what a small CPU deployment can hold; each one maps to an HTTP status
+(lorakit/serve/protocol.py): body size and prompt length 413, `max_tokens` and `n` above their
+limits 422, a full queue 503.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit.errors import ConfigError
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1_000_000  # request body (413 above)
+    max_prompt_tokens: int = 2048  # prompt after the chat template (413 above)
+    max_tokens: int = 1024  # the most a request may ask for (422 above)
+    default_max_tokens: int = 256  # when a request does not say
+    max_n: int = 4  # choices per request (422 above)
+    max_prompts: int = 16  # prompts in one /v1/completions list
+    max_stop: int = 4  # stop strings per request
+    max_concurrent: int = 32  # sequences decoded together in one batch
+    max_queue: int = 256  # sequences waiting before new requests get 503
+
+
+@dataclass
+class ServeConfig:
+    model: str = "smollm2-135m-instruct"  # base: bundled name, HF directory or .gguf file
+    adapters_root: str = "adapters"  # adapter paths given over HTTP must stay inside it
+    max_loras: int = 4  # adapter slots active in one batch
+    max_cpu_loras: int = 16  # adapters kept in host memory (>= max_loras)
+    max_lora_rank: int = 64  # slots are this wide; a higher-rank adapter is refused
+    target_modules: list[str] | str = "all-linear"  # layers that get adapter slots
+    api_key: str | None = None  # Bearer key for every route but /health; env LORAKIT_API_KEY
+    dtype: str = "fp32"
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    limits: Limits = field(default_factory=Limits)
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get("LORAKIT_API_KEY") or None
+
+
+def _problems(cfg: ServeConfig) -> list[str]:
+    out = []
+    for name in ("max_loras", "max_cpu_loras", "max_lora_rank"):
+        if getattr(cfg, name) < 1:
+            out.append(f"{name}: got {getattr(cfg, name)} (expected >= 1)")
+    if cfg.max_cpu_loras < cfg.max_loras:
+        out.append(f"max_cpu_loras: got {cfg.max_cpu_loras} (expected >= max_loras = {cfg.max_loras})")
+    if cfg.dtype not in DTYPES:
+        out.append(f"dtype: got {cfg.dtype!r} (expected one of {', '.join(DTYPES)})")
+    if not 0 <= cfg.port <= 65535:
+        out.append(f"port: got {cfg.port} (expected 0-65535)")
+    if cfg.api_key is not None and len(cfg.api_key) < 8:
+        out.append("api_key: shorter than 8 characters")
+    for f in dataclasses.fields(Limits):
+        if getattr(cfg.limits, f.name) < 1:
+            out.append(f"limits.{f.name}: got {getattr(cfg.limits, f.name)} (expected >= 1)")
+    if cfg.limits.default_max_tokens > cfg.limits.max_tokens:
+        out.append(f"limits.default_max_tokens: {cfg.limits.default_max_tokens} is above "
+                   f"limits.max_tokens = {cfg.limits.max_tokens}")
+    return out
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "str":
+        return isinstance(value, str)
+    if annotation == "str | None":
+        return value is None or isinstance(value, str)
+    if annotation == "list[str] | str":
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    return True
+
+
+def _fill(obj, raw: dict, prefix: str, problems: list[str]) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in raw.items():
+        f = fields.get(key)
+        where = f"{prefix}{key}"
+        if f is None:
+            problems.append(f"{where}: unknown key (expected one of {', '.join(fields)})")
+        elif dataclasses.is_dataclass(getattr(obj, key)):
+            if isinstance(value, dict):
+                _fill(getattr(obj, key), value, where + ".", problems)
+            else:
+                problems.append(f"{where}: expected a mapping of its fields, got {value!r}")
+        elif not _type_ok(value, str(f.type)):
+            problems.append(f"{where}: got {value!r} (expected {f.type})")
+        else:
+            setattr(obj, key, value)
+
+
+def build_serve_config(raw: dict | None = None, overrides: list[str] = (),
+                       source: str = "config") -> ServeConfig:
+    """A checked `ServeConfig` from a dict (as read from YAML) and `key.sub=value` overrides."""
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    raw = dict(raw or {})
+    problems: list[str] = []
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            problems.append(f"override {text!r}: expected key=value (e.g. limits.max_tokens=256)")
+            continue
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value) if value else ""
+    cfg = ServeConfig()
+    _fill(cfg, raw, "", problems)
+    problems += _problems(cfg) if not problems else []
+    if problems:
+        raise ConfigError(f"{source}: invalid serve config:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def load_serve_config(path: str | Path | None = None, overrides: list[str] = ()) -> ServeConfig:
+    """Read a serve YAML file (or only defaults and overrides when `path` is None).
+
+    `adapters_root` in a file is relative to that file's folder.
+    """
+    if path is None:
+        return build_serve_config({}, overrides, "defaults")
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such serve config file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of serve settings at the top level")
+    cfg = build_serve_config(raw, overrides, str(path))
+    if "adapters_root" in raw and not Path(cfg.adapters_root).is_absolute():
+        cfg.adapters_root = str((path.parent / cfg.adapters_root).resolve())
+    return cfg

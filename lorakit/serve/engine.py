@@ -1,0 +1,365 @@
+"""`Engine`: continuous batching of generation requests over one base model and many adapters.
+
+Scheduling is iteration-level, as in Orca (Yu et al., OSDI 2022) and vLLM's scheduler: every
+step admits waiting requests up to `max_running` (a request whose adapter cannot get a slot
+because every slot is held by running requests stays queued), prefills the newcomers as one
+left-padded batch, joins them to the running batch's cache, runs one decode step for every row,
+and retires the rows that finished. A request that arrives while others decode therefore joins at
+the next step, and a finished one leaves at once. Rows of different adapters share each forward
+pass through the per-row slot index of `MultiLoraLinear` (lorakit/serve/layer.py).
+
+One engine thread owns the model, the KV cache and the adapter slots. Other threads `submit`
+requests and receive events through each request's `on_event` callback; admin operations that
+touch slots run on the engine thread through `call`, between forward passes.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import torch
+
+from lorakit.errors import AdapterError, LorakitError
+from lorakit.serve.cache import AdapterCache
+from lorakit.serve.kvcache import BatchKV, left_pad, positions_from_mask
+from lorakit.serve.layer import SlotBatch
+from lorakit.serve.sampling import SamplingParams, find_stop, make_generator, next_tokens, safe_prefix_len
+
+
+class Overloaded(LorakitError):
+    """The waiting queue is full; the client should retry later (HTTP 503)."""
+
+
+_ids = itertools.count()
+
+
+class Request:
+    """One generation: its prompt ids, adapter (None = base), sampling, and what it produced."""
+
+    def __init__(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams,
+                 on_event: Callable[[str, object], None] | None = None):
+        self.id = next(_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.adapter = adapter
+        self.params = params
+        self.on_event = on_event  # called on the engine thread: ("text", str) / ("done", reason)
+        self.generator = make_generator(params.seed)
+        self.slot = -1
+        self.output_ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of `text` already streamed
+        self.finish_reason: str | None = None
+        self.error: Exception | None = None
+        self.cancelled = False
+        self.arrival = time.monotonic()
+        self.first_token_at: float | None = None
+        self.done = threading.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def wait(self, timeout: float | None = None) -> Request:
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def _emit(self, kind: str, payload: object) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, payload)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, batch: SlotBatch, adapters: AdapterCache | None,
+                 max_running: int = 32, max_waiting: int = 256, max_model_len: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch = batch
+        self.adapters = adapters
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", 2048)
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos_ids = end_of_turn_ids(model, tokenizer)
+        self.kv = BatchKV()
+        self.running: list[Request] = []
+        self.waiting: collections.deque[Request] = collections.deque()
+        self._commands: collections.deque[tuple[Callable, Future]] = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        # Counters read by /metrics.
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.finished: collections.Counter[str] = collections.Counter()
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+
+    # -- submission (any thread) ------------------------------------------------------------
+
+    def submit(self, req: Request) -> Request:
+        with self._cv:
+            if len(self.waiting) >= self.max_waiting:
+                raise Overloaded(f"the server queue is full ({self.max_waiting} waiting requests); "
+                                 "retry later")
+            self.waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def generate(self, prompt_ids: list[int], adapter: str | None = None,
+                 params: SamplingParams | None = None, timeout: float | None = None) -> Request:
+        """Submit and wait: the finished request (or the engine steps inline when not started)."""
+        req = self.submit(Request(prompt_ids, adapter, params or SamplingParams()))
+        if self._thread is None:
+            while not req.done.is_set():
+                self.step()
+        return req.wait(timeout)
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """Run `fn` on the engine thread between steps (inline when the engine is not started)."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return fn()
+        fut: Future = Future()
+        with self._cv:
+            self._commands.append((fn, fut))
+            self._cv.notify()
+        return fut.result()
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        thread.join()
+        self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self.waiting or self.running or self._commands or self._stop):
+                    self._cv.wait()
+                if self._stop:
+                    break
+            try:
+                progressed = self.step()
+            except Exception as e:  # a bug or OOM must not kill the server: fail the batch
+                self._fail_running(e)
+                progressed = True
+            if not progressed:
+                # Queued requests wait for a slot that only pinned adapters hold: do not spin.
+                with self._cv:
+                    self._cv.wait(0.05)
+        self._fail_running(LorakitError("the server is shutting down"))
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One scheduler iteration; True if it did any work."""
+        did = self._run_commands()
+        joiners = self._admit()
+        if joiners:
+            self._prefill(joiners)
+            self._retire()
+        if self.running:
+            self._decode()
+            self._retire()
+            did = True
+        return did or bool(joiners)
+
+    def _run_commands(self) -> bool:
+        did = False
+        while True:
+            with self._cv:
+                if not self._commands:
+                    return did
+                fn, fut = self._commands.popleft()
+            did = True
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
+
+    def _admit(self) -> list[Request]:
+        with self._cv:
+            candidates = list(self.waiting)
+        joiners = []
+        for req in candidates:
+            if len(self.running) + len(joiners) >= self.max_running:
+                break
+            if req.cancelled:
+                self._dequeue(req)
+                self._finish(req, "cancelled")
+                continue
+            if req.adapter is not None:
+                try:
+                    slot = self.adapters.acquire(req.adapter)
+                except AdapterError as e:  # a bad adapter fails its own requests only
+                    self._dequeue(req)
+                    self._fail(req, e)
+                    continue
+                if slot is None:
+                    continue
+                req.slot = slot
+            self._dequeue(req)
+            joiners.append(req)
+        return joiners
+
+    def _dequeue(self, req: Request) -> None:
+        with self._cv:
+            self.waiting.remove(req)
+
+    def _forward(self, ids, mask, positions, cache, slots: list[int]):
+        self.batch.set(slots, self.device)
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            self.batch.clear()
+        return out.logits[:, -1], out.past_key_values  # (B, V)
+
+    def _prefill(self, joiners: list[Request]) -> None:
+        from transformers import DynamicCache
+
+        ids, mask = left_pad([r.prompt_ids for r in joiners], self.pad_id, self.device)
+        try:
+            logits, cache = self._forward(ids, mask, positions_from_mask(mask), DynamicCache(),
+                                          [r.slot for r in joiners])
+        except Exception as e:  # the newcomers fail; the running batch is untouched
+            for r in joiners:
+                self._fail(r, e)
+                if r.adapter is not None:
+                    self.adapters.release(r.adapter)
+            return
+        self.prompt_tokens += sum(len(r.prompt_ids) for r in joiners)
+        self.kv.join(cache, mask)
+        self.running.extend(joiners)
+        self._take(joiners, logits)
+
+    def _decode(self) -> None:
+        ids = torch.tensor([[r.output_ids[-1]] for r in self.running], device=self.device)
+        mask, positions = self.kv.step_inputs()
+        logits, cache = self._forward(ids, mask, positions, self.kv.cache,
+                                      [r.slot for r in self.running])
+        self.kv.cache = cache
+        self.kv.advance(mask)
+        self._take(self.running, logits)
+
+    def _take(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        tokens = next_tokens(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        now = time.monotonic()
+        self.generated_tokens += len(tokens)
+        self._recent.append((now, len(tokens)))
+        for req, token in zip(reqs, tokens):
+            if req.first_token_at is None:
+                req.first_token_at = now
+            self._append(req, token)
+
+    def _append(self, req: Request, token: int) -> None:
+        """Add one token; decide whether the request ends (end of turn, stop string, length)."""
+        req.output_ids.append(token)
+        p = req.params
+        if token in self.eos_ids and not p.ignore_eos:
+            req.output_ids.pop()  # the end-of-turn token is not part of the answer
+            self._stream(req, final=True)
+            self._finish(req, "stop")
+            return
+        before = len(req.text)
+        req.text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+        if p.stop:
+            cut = find_stop(req.text, p.stop, before)
+            if cut != -1:
+                req.text = req.text[:cut]
+                self._stream(req, final=True)
+                self._finish(req, "stop")
+                return
+        total = len(req.prompt_ids) + len(req.output_ids)
+        if len(req.output_ids) >= p.max_tokens or total >= self.max_model_len:
+            self._stream(req, final=True)
+            self._finish(req, "length")
+            return
+        if req.cancelled:
+            self._finish(req, "cancelled")
+            return
+        self._stream(req, final=False)
+
+    def _stream(self, req: Request, final: bool) -> None:
+        upto = len(req.text) if final else safe_prefix_len(req.text, req.params.stop)
+        if upto > req.sent:
+            req._emit("text", req.text[req.sent:upto])
+            req.sent = upto
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        self.finished[reason] += 1
+        req._emit("done", reason)
+        req.done.set()
+
+    def _fail(self, req: Request, error: Exception) -> None:
+        req.error = error
+        req.finish_reason = "error"
+        self.finished["error"] += 1
+        req._emit("error", error)
+        req.done.set()
+
+    def _retire(self) -> None:
+        """Drop finished rows from the batch and give their slots back."""
+        keep = [i for i, r in enumerate(self.running) if not r.finished]
+        if len(keep) == len(self.running):
+            return
+        for r in self.running:
+            if r.finished and r.adapter is not None:
+                self.adapters.release(r.adapter)
+        self.running = [self.running[i] for i in keep]
+        self.kv.keep(keep)
+
+    def _fail_running(self, error: Exception) -> None:
+        for r in self.running:
+            if not r.finished:
+                self._fail(r, error)
+        self._retire()
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        while self._recent and self._recent[0][0] < now - window:
+            self._recent.popleft()
+        recent = list(self._recent)
+        return sum(n for _, n in recent) / window if recent else 0.0
+
+
+def end_of_turn_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a turn: the tokenizer's eos, ChatML's <|im_end|>, <|endoftext|>, and
+    whatever the model's generation config names."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
+        if tok in vocab:
+            ids.add(vocab[tok])
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids.update(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+    return ids

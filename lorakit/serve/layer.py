@@ -1,0 +1,201 @@
+"""`MultiLoraLinear`: one frozen linear layer serving many LoRA adapters in one forward pass.
+
+Follows vLLM's multi-LoRA layers (vllm/lora/layers, `BaseLinearLayerWithLoRA`): every adapted
+linear layer owns stacked adapter slots, `lora_a` (max_loras, max_lora_rank, d_in) and `lora_b`
+(max_loras, max_lora_rank, d_out), filled by `set_lora(slot, A, B, scaling)` and cleared by
+`reset_lora(slot)`. B is stored transposed, `lora_b` (max_loras, max_lora_rank, d_out), so
+that all slots side by side are one contiguous (max_loras * max_lora_rank, d_out) matrix. Ranks below `max_lora_rank` are zero-padded, and the LoRA scaling is folded
+into B when a slot is set, so the forward needs no per-adapter scalars. Which slot each batch row
+uses is a per-row index shared by every layer of the model (`SlotBatch`); `-1` means the base.
+
+Meaning of the batched forward, as the plain loop `reference_forward` ships it (the test
+reference, like vLLM's torch reference ops beside its Punica kernels):
+
+    for b in range(B):
+        y[b] = base(x[b])
+        if slot[b] >= 0:
+            y[b] += x[b] @ lora_a[slot[b]].T @ lora_b[slot[b]]      # (T, r) then (T, d_out)
+
+Three batched forms compute it, chosen per step by how many adapters the batch mixes:
+- every row on one slot: two skinny matmuls over the whole batch, no gather;
+- a few slots (<= `GROUPED_MAX_SLOTS`): rows grouped by slot, two skinny matmuls per group;
+- many slots: every row through every slot at once, `((x @ A_all.T) * row_mask) @ B_all`, where
+  `row_mask` (B, 1, max_loras * max_lora_rank) keeps each row's own slot columns. It spends
+  FLOPs on the other slots' columns to replace 4 small ops per group with 3 larger ones; on CPU
+  the per-op dispatch cost of many groups outweighs those FLOPs (benchmarks/serve_throughput.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.errors import AdapterError
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.inject import target_names
+from lorakit.lora.layer import linear_shape
+
+
+GROUPED_MAX_SLOTS = 2
+
+
+class SlotBatch:
+    """The per-row slot indices of the batch about to run, shared by every `MultiLoraLinear`.
+
+    The engine sets it once per forward; each layer reads the precomputed grouping and row mask
+    instead of re-deriving them 200 times per step.
+    """
+
+    def __init__(self, max_loras: int = 1, max_lora_rank: int = 1) -> None:
+        self.max_loras = max_loras
+        self.max_lora_rank = max_lora_rank
+        self.row_slots: list[int] = []
+        self.groups: list[tuple[int, torch.Tensor]] = []  # (slot, row indices) for slot >= 0
+        self.uniform_slot: int | None = None  # set when every row uses the same adapter slot
+        self.row_mask: torch.Tensor | None = None  # (B, 1, max_loras * max_lora_rank) when many slots
+
+    def set(self, row_slots: list[int], device: torch.device | str = "cpu",
+            dtype: torch.dtype = torch.float32) -> None:
+        self.row_slots = list(row_slots)
+        slots = sorted({s for s in row_slots if s >= 0})
+        self.uniform_slot = slots[0] if len(slots) == 1 and all(s == slots[0] for s in row_slots) \
+            else None
+        self.groups, self.row_mask = [], None
+        if self.uniform_slot is not None or not slots:
+            return
+        if len(slots) <= GROUPED_MAX_SLOTS:
+            self.groups = [
+                (s, torch.tensor([i for i, r in enumerate(row_slots) if r == s], device=device))
+                for s in slots
+            ]
+            return
+        r = self.max_lora_rank
+        mask = torch.zeros(len(row_slots), 1, self.max_loras * r, dtype=dtype)
+        for i, s in enumerate(row_slots):
+            if s >= 0:
+                mask[i, 0, s * r:(s + 1) * r] = 1
+        self.row_mask = mask.to(device)
+
+    def clear(self) -> None:
+        self.set([])
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen linear layer (`self.base`) plus stacked LoRA slots selected per batch row."""
+
+    def __init__(self, base: nn.Module, batch: SlotBatch, max_loras: int, max_lora_rank: int,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        if (batch.max_loras, batch.max_lora_rank) != (max_loras, max_lora_rank):
+            raise ValueError("the SlotBatch and its layers must agree on max_loras and max_lora_rank")
+        self.base = base
+        self.batch = batch
+        self.in_features, self.out_features = linear_shape(base)
+        self.max_loras = max_loras
+        self.max_lora_rank = max_lora_rank
+        weight = base.weight
+        # Stacks follow the base compute dtype unless told otherwise; a quantized (integer) base
+        # weight gets fp32 stacks.
+        dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+        self.register_buffer("lora_a", torch.zeros(max_loras, max_lora_rank, self.in_features,
+                                                   dtype=dtype, device=weight.device),
+                             persistent=False)
+        self.register_buffer("lora_b", torch.zeros(max_loras, max_lora_rank, self.out_features,
+                                                   dtype=dtype, device=weight.device),
+                             persistent=False)
+        # Rank held by each slot (0 = empty): forward slices to it instead of multiplying padding.
+        self.slot_rank = [0] * max_loras
+
+    @torch.no_grad()
+    def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+        """Put one adapter's A (r, d_in) and B (d_out, r) into `slot`, with B pre-scaled."""
+        r = lora_a.shape[0]
+        if not 0 <= slot < self.max_loras:
+            raise AdapterError(f"slot {slot} out of range (expected 0..{self.max_loras - 1})")
+        if r > self.max_lora_rank:
+            raise AdapterError(f"adapter rank {r} exceeds max_lora_rank={self.max_lora_rank}")
+        if tuple(lora_a.shape) != (r, self.in_features) or tuple(lora_b.shape) != (self.out_features, r):
+            raise AdapterError(
+                f"LoRA shapes A {tuple(lora_a.shape)} B {tuple(lora_b.shape)} do not fit a "
+                f"{self.in_features}->{self.out_features} layer (expected A (r, {self.in_features}), "
+                f"B ({self.out_features}, r))")
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.lora_a[slot, :r].copy_(lora_a.to(self.lora_a.dtype))
+        # Scaling folded in fp32, then cast, so a bf16 stack holds the rounded product once.
+        self.lora_b[slot, :r].copy_((lora_b.float() * scaling).T.to(self.lora_b.dtype))
+        self.slot_rank[slot] = r
+
+    @torch.no_grad()
+    def reset_lora(self, slot: int) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.slot_rank[slot] = 0
+
+    def _delta(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        r = self.slot_rank[slot]
+        a = self.lora_a[slot, :r]  # (r, d_in)
+        b = self.lora_b[slot, :r]  # (r, d_out), scaling folded in
+        return (x.to(a.dtype) @ a.T) @ b  # (..., r) then (..., d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)  # (B, T, d_out)
+        batch = self.batch
+        if batch.uniform_slot is not None:
+            if self.slot_rank[batch.uniform_slot]:
+                out = out + self._delta(x, batch.uniform_slot).to(out.dtype)
+            return out
+        if batch.row_mask is not None:
+            a_all = self.lora_a.view(-1, self.in_features)  # (S*r, d_in)
+            b_all = self.lora_b.view(-1, self.out_features)  # (S*r, d_out)
+            h = (x.to(a_all.dtype) @ a_all.T) * batch.row_mask.to(a_all.dtype)  # (B, T, S*r), own slot
+            return out + (h @ b_all).to(out.dtype)
+        for slot, rows in batch.groups:
+            if self.slot_rank[slot]:
+                delta = self._delta(x.index_select(0, rows), slot)  # (n_rows, T, d_out)
+                out.index_add_(0, rows, delta.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        used = sum(1 for r in self.slot_rank if r)
+        return (f"in={self.in_features}, out={self.out_features}, max_loras={self.max_loras}, "
+                f"max_lora_rank={self.max_lora_rank}, slots_in_use={used}")
+
+
+@torch.no_grad()
+def reference_forward(layer: MultiLoraLinear, x: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
+    """The batched forward's meaning, one row at a time over the full padded stacks."""
+    rows = []
+    for b, slot in enumerate(row_slots):
+        y = layer.base(x[b])  # (T, d_out)
+        if slot >= 0:
+            a = layer.lora_a[slot].float()  # (max_rank, d_in)
+            bb = layer.lora_b[slot].float()  # (max_rank, d_out)
+            y = y + ((x[b].float() @ a.T) @ bb).to(y.dtype)
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def wrap_for_serving(model: nn.Module, target_modules: list[str] | str, max_loras: int,
+                     max_lora_rank: int, dtype: torch.dtype | None = None
+                     ) -> tuple[SlotBatch, dict[str, MultiLoraLinear]]:
+    """Replace the targeted linear modules with `MultiLoraLinear`; return the shared batch index
+    and the wrapped layers by full module name (PEFT's module paths, so adapter keys map 1:1)."""
+    names = target_names(model, LoraConfig(target_modules=target_modules))
+    batch = SlotBatch(max_loras, max_lora_rank)
+    layers = {}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = MultiLoraLinear(getattr(parent, leaf), batch, max_loras, max_lora_rank, dtype)
+        setattr(parent, leaf, layer)
+        layers[name] = layer
+    return batch, layers
+
+
+def resident_bytes(layers: dict[str, MultiLoraLinear]) -> int:
+    """Memory the slot stacks take (allocated once, whatever the number of adapters loaded)."""
+    return sum(l.lora_a.numel() * l.lora_a.element_size() + l.lora_b.numel() * l.lora_b.element_size()
+               for l in layers.values())

@@ -1,0 +1,100 @@
+"""Choosing the next token and deciding when a sequence ends.
+
+Sampling follows transformers' logits warpers (`TemperatureLogitsWarper`, `TopKLogitsWarper`,
+`TopPLogitsWarper`, applied in that order) with temperature 0 meaning greedy argmax, as in the
+OpenAI API and vLLM. Each request owns a `torch.Generator` seeded from its `seed`, so a seeded
+request draws the same tokens whatever else shares its batch.
+
+Stop strings follow vLLM's detokenizer rules: the text is decoded from all generated ids each
+step (so multi-byte characters split across tokens come out whole), a stop string ends the
+sequence and is not returned, and streamed text holds back any tail that could still become a
+stop string or an incomplete character.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One row's logits (V,) after temperature, top-k and top-p (removed entries = -inf)."""
+    logits = logits.float() / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop the low tail whose mass is <= 1 - top_p; the most likely token always stays.
+        remove_sorted = cumulative <= 1 - params.top_p
+        remove_sorted[-1] = False
+        remove = torch.zeros_like(remove_sorted).scatter(0, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator]) -> list[int]:
+    """The next token of every row: logits (B, V) -> B ids. Greedy rows share one argmax."""
+    greedy = logits.argmax(-1).tolist()
+    out = []
+    for row, (p, gen) in enumerate(zip(params, generators)):
+        if p.greedy:
+            out.append(greedy[row])
+            continue
+        probs = warp(logits[row], p).softmax(-1)
+        out.append(int(torch.multinomial(probs, 1, generator=gen)))
+    return out
+
+
+def find_stop(text: str, stops: list[str], start: int) -> int:
+    """Index where the earliest stop string begins at or after `start` - (longest stop - 1)
+    (a stop may straddle the previous check), or -1."""
+    best = -1
+    for s in stops:
+        i = text.find(s, max(0, start - len(s) + 1))
+        if i != -1 and (best == -1 or i < best):
+            best = i
+    return best
+
+
+def safe_prefix_len(text: str, stops: list[str]) -> int:
+    """How much of `text` may be streamed now: all but a tail that could begin a stop string,
+    and never a trailing replacement character from a half-decoded multi-byte character."""
+    n = len(text)
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, n), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    n -= hold
+    while n > 0 and text[n - 1] == "\ufffd":
+        n -= 1
+    return n

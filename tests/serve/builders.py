@@ -1,0 +1,72 @@
+"""Helpers for the serve tests: adapters built in code, a served tiny model, and the references.
+
+Adapters start with B != 0 (random, seeded, large) so each one changes the greedy answer; the
+tests assert that the answers of different adapters differ, so a mix-up between rows cannot pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from lorakit.adapters.io import load_adapter, save_adapter
+from lorakit.lora import LoraConfig, inject, lora_layers, merge_and_unload
+from lorakit.serve.cache import AdapterCache
+from lorakit.serve.engine import Engine
+from lorakit.serve.layer import wrap_for_serving
+from lorakit.serve.registry import AdapterRegistry
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(base, out_dir: str | Path, seed: int, r: int = 4, alpha: float = 8.0,
+                 targets=("q_proj", "v_proj", "down_proj"), b_std: float = 0.6,
+                 identity: dict | None = None) -> Path:
+    """A LoRA adapter for `base` with random A and B (seeded), saved in PEFT format."""
+    model = copy.deepcopy(base)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets))
+    inject(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=gen) * 0.3)
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * b_std)
+    return save_adapter(model, cfg, out_dir, base_identity=identity or {"name": "tiny-llama"})
+
+
+def merged_model(base, adapter_dir: str | Path | None):
+    """A copy of `base` with the adapter merged in (or the plain base when None)."""
+    model = copy.deepcopy(base)
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
+        merge_and_unload(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt_ids: list[int], n: int) -> list[int]:
+    """n greedy tokens by re-running the whole sequence each step: no cache, no padding, batch 1."""
+    ids = list(prompt_ids)
+    out = []
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        tok = int(logits.argmax())
+        out.append(tok)
+        ids.append(tok)
+    return out
+
+
+def served(base, tokenizer, root: Path, max_loras: int = 4, max_cpu_loras: int = 8,
+           max_lora_rank: int = 8, max_running: int = 64, targets=TARGETS, identity=None):
+    """(engine, cache, registry) around a copy of `base`, registry under `root`."""
+    model = copy.deepcopy(base)
+    if identity is not None:
+        model.lorakit_identity = identity
+    batch, layers = wrap_for_serving(model, list(targets), max_loras, max_lora_rank)
+    registry = AdapterRegistry(root / "adapters.sqlite")
+    cache = AdapterCache(layers, registry, identity, max_loras, max_cpu_loras, max_lora_rank,
+                         adapters_root=root)
+    engine = Engine(model, tokenizer, batch, cache, max_running=max_running)
+    return engine, cache, registry

@@ -1,0 +1,37 @@
+"""ServeConfig: YAML and dotted overrides fill the dataclasses; every bad key is reported at once."""
+
+import pytest
+
+from lorakit.errors import ConfigError
+from lorakit.serve.config import ServeConfig, load_serve_config
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("# lorakit serve --config serve.yaml\n"
+                    "model: smollm2-135m-instruct\nadapters_root: adapters\nmax_loras: 3\n"
+                    "target_modules: [q_proj, v_proj]\nlimits:\n  max_tokens: 128\n  default_max_tokens: 64\n")
+    cfg = load_serve_config(path, ["limits.max_n=2", "port=9001", "api_key=sk-abcdefgh"])
+    assert cfg.max_loras == 3 and cfg.target_modules == ["q_proj", "v_proj"]
+    assert cfg.limits.max_tokens == 128 and cfg.limits.max_n == 2 and cfg.port == 9001
+    assert cfg.adapters_root == str((tmp_path / "adapters").resolve())  # relative to the file
+    assert cfg.limits.max_body_bytes == ServeConfig().limits.max_body_bytes
+    assert cfg.resolved_api_key() == "sk-abcdefgh"
+
+
+def test_every_problem_listed(tmp_path, monkeypatch):
+    path = tmp_path / "bad.yaml"
+    path.write_text("max_lora: 3\nmax_loras: 8\nmax_cpu_loras: 4\nlimits:\n  max_tokens: lots\n"
+                    "  maxi: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_serve_config(path)
+    msg = str(e.value)
+    assert "max_lora: unknown key" in msg and "limits.maxi: unknown key" in msg
+    assert "limits.max_tokens: got 'lots'" in msg
+    with pytest.raises(ConfigError, match="max_cpu_loras: got 4 .expected >= max_loras = 8"):
+        load_serve_config(None, ["max_loras=8", "max_cpu_loras=4"])
+    with pytest.raises(ConfigError, match="broken.yaml line 2: not valid YAML"):
+        (tmp_path / "broken.yaml").write_text("a: [\n")
+        load_serve_config(tmp_path / "broken.yaml")
+    monkeypatch.setenv("LORAKIT_API_KEY", "sk-from-env-1")
+    assert load_serve_config(None).resolved_api_key() == "sk-from-env-1"

@@ -1,0 +1,151 @@
+"""Engine: mixed-adapter batches equal each adapter merged and run alone; continuous batching;
+sampling, stop strings, end of turn, length; a bad adapter fails only its own requests."""
+
+import pytest
+import torch
+
+from lorakit.errors import AdapterError
+from lorakit.serve.engine import Request
+from lorakit.serve.sampling import SamplingParams
+from tests.serve.builders import greedy_reference, make_adapter, merged_model, served
+
+PROMPTS = ["the quick brown fox", "is this bike still available? can you do 50",
+           "hello", "what colour is it and how big is the table"]
+
+
+def _greedy(n):
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def _run(engine, reqs):
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
+    return reqs
+
+
+@pytest.fixture
+def three(llama, tokenizer, tmp_path):
+    dirs = {f"a{i}": make_adapter(llama, tmp_path / f"a{i}", seed=10 + i, r=2 + 2 * i)
+            for i in range(3)}
+    engine, cache, registry = served(llama, tokenizer, tmp_path)
+    for name, d in dirs.items():
+        registry.add(name, d)
+    return engine, cache, dirs
+
+
+def test_mixed_batch_equals_each_adapter_merged(three, llama, tokenizer):
+    engine, _, dirs = three
+    n = 10
+    reqs = [engine.submit(Request(tokenizer(p)["input_ids"], a, _greedy(n)))
+            for p in PROMPTS for a in [None, "a0", "a1", "a2"]]
+    _run(engine, reqs)
+    merged = {a: merged_model(llama, dirs[a] if a else None) for a in [None, "a0", "a1", "a2"]}
+    for r in reqs:
+        assert r.output_ids == greedy_reference(merged[r.adapter], r.prompt_ids, n), (r.adapter,)
+    for i in range(len(PROMPTS)):  # four different answers per prompt: a mix-up cannot pass
+        answers = {tuple(r.output_ids) for r in reqs[4 * i: 4 * i + 4]}
+        assert len(answers) == 4
+
+
+def test_requests_join_and_leave_between_steps(three, tokenizer):
+    engine, _, _ = three
+    alone = {}
+    for p, a, n in [(PROMPTS[0], "a0", 12), (PROMPTS[1], "a1", 4), (PROMPTS[2], None, 6)]:
+        alone[(p, a)] = engine.generate(tokenizer(p)["input_ids"], a, _greedy(n)).output_ids
+    first = engine.submit(Request(tokenizer(PROMPTS[0])["input_ids"], "a0", _greedy(12)))
+    engine.step()
+    engine.step()
+    assert len(engine.running) == 1 and len(first.output_ids) == 3
+    second = engine.submit(Request(tokenizer(PROMPTS[1])["input_ids"], "a1", _greedy(4)))
+    engine.step()  # joins: prefill gives its first token, the shared decode step its second
+    assert len(engine.running) == 2 and len(second.output_ids) == 2
+    third = engine.submit(Request(tokenizer(PROMPTS[2])["input_ids"], None, _greedy(6)))
+    engine.step()
+    engine.step()
+    assert second.finish_reason == "length" and len(engine.running) == 2  # second left
+    _run(engine, [first, third])
+    assert engine.running == [] and engine.kv.rows == 0
+    assert first.output_ids == alone[(PROMPTS[0], "a0")]
+    assert second.output_ids == alone[(PROMPTS[1], "a1")]
+    assert third.output_ids == alone[(PROMPTS[2], None)]
+
+
+def test_seeded_sampling_is_independent_of_the_batch(three, tokenizer):
+    engine, _, _ = three
+    ids = tokenizer(PROMPTS[3])["input_ids"]
+    params = dict(max_tokens=12, temperature=1.3, top_p=0.9, top_k=50, ignore_eos=True)
+    alone = engine.generate(ids, "a1", SamplingParams(seed=7, **params)).output_ids
+    reqs = [engine.submit(Request(ids, a, SamplingParams(seed=s, **params)))
+            for a, s in [("a0", 1), ("a1", 7), (None, 3), ("a1", 8)]]
+    _run(engine, reqs)
+    assert reqs[1].output_ids == alone
+    assert reqs[3].output_ids != alone  # another seed draws another sequence
+    greedy = engine.generate(ids, "a1", _greedy(12)).output_ids
+    top1 = engine.generate(ids, "a1", SamplingParams(max_tokens=12, temperature=0.7, top_k=1,
+                                                      seed=5, ignore_eos=True)).output_ids
+    assert top1 == greedy
+
+
+def test_stop_string_end_of_turn_and_length(three, tokenizer):
+    engine, _, _ = three
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    full = engine.generate(ids, "a2", _greedy(10))
+    assert full.finish_reason == "length" and len(full.output_ids) == 10
+    text = full.text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    cut = text.find(stop)
+    stopped = engine.generate(ids, "a2", SamplingParams(max_tokens=10, temperature=0, stop=[stop],
+                                                        ignore_eos=True))
+    assert stopped.finish_reason == "stop" and stopped.text == text[:cut]
+    eot = full.output_ids[3]
+    engine.eos_ids = {eot}
+    ended = engine.generate(ids, "a2", SamplingParams(max_tokens=10, temperature=0))
+    assert ended.finish_reason == "stop" and ended.output_ids == full.output_ids[:3]
+
+
+def test_streamed_text_adds_up(three, tokenizer):
+    engine, _, _ = three
+    pieces = []
+    req = Request(tokenizer(PROMPTS[1])["input_ids"], "a0", _greedy(15),
+                  on_event=lambda kind, x: pieces.append(x) if kind == "text" else None)
+    _run(engine, [engine.submit(req)])
+    assert len(pieces) > 1 and "".join(pieces) == req.text
+
+
+def test_bad_adapter_fails_only_its_requests(three, llama, tokenizer, tmp_path):
+    engine, cache, dirs = three
+    from safetensors.torch import load_file, save_file
+
+    bad = make_adapter(llama, tmp_path / "bad", seed=99)  # fine when registered ...
+    cache.registry.add("bad", bad)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")  # ... and corrupted before it is first loaded
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    good = engine.submit(Request(ids, "a0", _greedy(5)))
+    broken = engine.submit(Request(ids, "bad", _greedy(5)))
+    base = engine.submit(Request(ids, None, _greedy(5)))
+    _run(engine, [good, broken, base])
+    with pytest.raises(AdapterError, match="NaN"):
+        broken.wait()
+    assert good.wait().finish_reason == "length" and base.wait().finish_reason == "length"
+    assert "bad" not in cache.slot_of
+
+
+def test_requests_wait_when_every_slot_is_busy(llama, tokenizer, tmp_path):
+    engine, cache, registry = served(llama, tokenizer, tmp_path, max_loras=1, max_cpu_loras=2)
+    for i in range(2):
+        registry.add(f"s{i}", make_adapter(llama, tmp_path / f"s{i}", seed=i))
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    r0 = engine.submit(Request(ids, "s0", _greedy(4)))
+    r1 = engine.submit(Request(ids, "s1", _greedy(4)))
+    r2 = engine.submit(Request(ids, "s0", _greedy(4)))
+    engine.step()
+    assert [r.adapter for r in engine.running] == ["s0", "s0"] and list(engine.waiting) == [r1]
+    _run(engine, [r0, r1, r2])
+    assert r0.output_ids == r2.output_ids != r1.output_ids
+    snap = cache.snapshot()
+    assert snap["slot_evictions"] == 1 and snap["slots"] == {"s1": 0}
+    assert torch.equal(engine.model.model.layers[0].self_attn.q_proj.lora_a[0, :4],
+                       cache._cpu["s1"].weights["model.layers.0.self_attn.q_proj"][0])
