@@ -113,12 +113,10 @@ def run_peer(rows_path: str, steps: int, batch: int, r: int, out_dir: str, bf16:
 
     from lorakit.data.formats import load_examples
     from lorakit.data.render import encode_example
-    from lorakit.models import load_base
+    from lorakit.models import load_tokenizer, resolve_model_dir
 
     # The same converted checkpoint lorakit uses, loaded the standard way.
-    _, tokenizer = load_base(MODEL, dtype=torch.float32, device="cpu")
-    from lorakit.models import resolve_model_dir
-
+    tokenizer = load_tokenizer(MODEL)
     model = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(MODEL)), dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
                                              lora_dropout=0.0, task_type="CAUSAL_LM"))

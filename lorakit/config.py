@@ -25,6 +25,7 @@ from lorakit.errors import ConfigError
 from lorakit.lora.config import LoraConfig
 
 DTYPES = ("fp32", "bf16", "fp16")
+TRAIN_METHODS = ("lora", "full", "freeze")  # see lorakit/train/methods.py
 
 
 @dataclass
@@ -49,6 +50,11 @@ class DataSection:
 @dataclass
 class TrainSection:
     output_dir: str = "runs/lorakit"
+    # What is trained: lora = adapters on a frozen base (the lora section applies); full = every
+    # weight; freeze = only the last `layers_to_train` transformer blocks. full and freeze write a
+    # whole model directory (output_dir/model) instead of an adapter, and ignore the lora section.
+    method: str = "lora"
+    layers_to_train: int = 1  # freeze only
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
     batch_size: int = 16
@@ -68,6 +74,9 @@ class TrainSection:
     group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
     loss_on_supervised_only: bool = True  # output head only where labels are set (same loss, less work)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # Speed switches that change numerics slightly (the defaults are the fast ones):
+    lora_compute: str = "base"  # base: LoRA matmuls in the base dtype (as autocast); fp32: in fp32
+    attn_implementation: str = "auto"  # auto: eager on CPU (faster to train here), sdpa on GPUs
 
 
 @dataclass
@@ -144,7 +153,9 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
     if cfg.data.max_seq_len < 8:
         p.append(f"data.max_seq_len: got {cfg.data.max_seq_len} (expected >= 8)")
     t = cfg.train
-    for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+    if t.method not in TRAIN_METHODS:
+        p.append(f"train.method: got {t.method!r} (expected one of {', '.join(TRAIN_METHODS)})")
+    for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "layers_to_train"):
         if getattr(t, name) < 1:
             p.append(f"train.{name}: got {getattr(t, name)} (expected >= 1)")
     for name in ("max_steps", "eval_every", "save_every", "early_stopping_patience", "threads"):
@@ -158,6 +169,11 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
         p.append(f"train.warmup_ratio: got {t.warmup_ratio} (expected 0 <= x < 1)")
     if not 0 <= t.min_lr_ratio <= 1:
         p.append(f"train.min_lr_ratio: got {t.min_lr_ratio} (expected 0 <= x <= 1)")
+    if t.lora_compute not in ("base", "fp32"):
+        p.append(f"train.lora_compute: got {t.lora_compute!r} (expected base or fp32)")
+    if t.attn_implementation not in ("auto", "eager", "sdpa"):
+        p.append(f"train.attn_implementation: got {t.attn_implementation!r} "
+                 "(expected auto, eager or sdpa)")
     if cfg.eval.task not in ("auto", "classification", "generation"):
         p.append(f"eval.task: got {cfg.eval.task!r} (expected auto, classification or generation)")
     if t.early_stopping_patience and not (cfg.data.validation or cfg.data.val_fraction):

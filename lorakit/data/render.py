@@ -16,6 +16,7 @@ falls back to an Alpaca-style text rendering with the eos token after each answe
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from lorakit.data.formats import Example
@@ -48,10 +49,18 @@ def _render(messages, tokenizer, add_generation_prompt: bool) -> str:
     return "".join(parts)
 
 
+_MARKERS_BY_TOKENIZER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _end_markers(tokenizer) -> list[str]:
-    markers = [m for m in _END_MARKERS if m in tokenizer.get_vocab()]
-    if tokenizer.eos_token and tokenizer.eos_token not in markers:
-        markers.append(tokenizer.eos_token)
+    """End-of-turn strings this tokenizer knows; computed once per tokenizer (get_vocab is slow)."""
+    markers = _MARKERS_BY_TOKENIZER.get(tokenizer)
+    if markers is None:
+        vocab = tokenizer.get_vocab()
+        markers = [m for m in _END_MARKERS if m in vocab]
+        if tokenizer.eos_token and tokenizer.eos_token not in markers:
+            markers.append(tokenizer.eos_token)
+        _MARKERS_BY_TOKENIZER[tokenizer] = markers
     return markers
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import MergeError
@@ -53,6 +54,7 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
+        self.compute_dtype: torch.dtype | None = None  # see forward
         self.reset_lora_parameters()
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -66,8 +68,14 @@ class LoraLinear(nn.Module):
         result = self.base(x)
         if self.merged or self.disabled:
             return result
-        lora_x = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(lora_x)) * self.scaling  # (..., d_out)
+        # Compute in `compute_dtype` (None: the adapter's own dtype). Training over a bf16 base sets
+        # it to bf16, as autocast would: the fp32 weights are cast (r x d, cheap) instead of every
+        # activation, and their gradients still arrive in fp32.
+        dtype = self.compute_dtype or self.lora_A.weight.dtype
+        lora_x = self.lora_dropout(x).to(dtype)
+        # scaling * B (A x), with the scaling applied on the rank-r side where it is cheapest.
+        h = F.linear(lora_x, self.lora_A.weight.to(dtype)) * self.scaling  # (..., r)
+        update = F.linear(h, self.lora_B.weight.to(dtype))  # (..., d_out)
         return result + update.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """The training loop, written out top to bottom: forward, backward, step, log, evaluate, save.
 
 In the spirit of nanoGPT's `train.py` and torchtune's recipes: no callback framework. AdamW on the
-adapter parameters only; linear warmup then cosine (`schedule.lr_at`); gradient accumulation
-where every supervised token of an optimizer step weighs the same (the step's loss is the sum of
-token losses over all its micro-batches divided by their total token count); gradient clipping;
-evaluation on the validation split; optional early stopping; checkpoints that resume exactly.
+trainable parameters (LoRA adapters by default; every weight, or the last blocks, for the full
+and freeze baselines of `lorakit.train.methods`); linear warmup then cosine (`schedule.lr_at`);
+gradient accumulation where every supervised token of an optimizer step weighs the same (the
+step's loss is the sum of token losses over all its micro-batches divided by their total token
+count); gradient clipping; evaluation on the validation split; optional early stopping;
+checkpoints that resume exactly.
 """
 
 from __future__ import annotations
@@ -23,12 +25,16 @@ from lorakit.config import RunConfig, dump_config
 from lorakit.data.collate import pad_batch
 from lorakit.device import dtype_of, resolve_device
 from lorakit.errors import LorakitError
-from lorakit.lora import adapter_parameters, count_parameters, inject, lora_layers
+from lorakit.lora import count_parameters, lora_layers
+from lorakit.lora.inject import PEFT_PREFIX
 from lorakit.train.batches import BatchPlan
 from lorakit.train.checkpoint import (
     latest_checkpoint, load_checkpoint, optimizer_from_files, save_checkpoint, set_rng_state,
 )
 from lorakit.train.loss import causal_lm_loss_sum
+from lorakit.train.methods import (
+    TRAINABLE_DIR, TRAINABLE_FILE, load_trainable, make_trainable, save_model_dir, save_trainable,
+)
 from lorakit.train.prepare import prepare_data
 from lorakit.train.progress import TrainProgress
 from lorakit.train.schedule import lr_at
@@ -41,6 +47,9 @@ class TrainingError(LorakitError):
 @dataclass
 class TrainResult:
     output_dir: Path
+    # What the run wrote: the PEFT adapter directory (output_dir/adapter) for method lora, the
+    # whole fine-tuned model directory (output_dir/model, loadable with from_pretrained) for
+    # full and freeze. Kept under one name so callers hand it on without asking which it is.
     adapter_dir: Path
     steps: int
     train_loss: float | None
@@ -51,6 +60,7 @@ class TrainResult:
     trainable_params: int
     total_params: int
     stopped_early: bool = False
+    method: str = "lora"
 
 
 def _append_metrics(path: Path, row: dict) -> None:
@@ -87,9 +97,23 @@ def validation_loss(model, encoded, pad_id, batch_size, device, supervised_only=
     return total / max(count, 1)
 
 
+def _apply_speed_settings(model, t, device) -> None:
+    """`train.lora_compute` and `train.attn_implementation` (measured in benchmarks/train_throughput.py)."""
+    base_dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), None)
+    for _, layer in lora_layers(model):
+        layer.compute_dtype = base_dtype if t.lora_compute == "base" else torch.float32
+    attn = t.attn_implementation
+    if attn == "auto":
+        # On CPU, eager attention trains faster than SDPA's flash kernel, whose backward is slow
+        # here (about 4x the eager backward at 128 tokens, bf16, 2 cores).
+        attn = "eager" if torch.device(device).type == "cpu" else "sdpa"
+    if hasattr(model, "set_attn_implementation") and model.config._attn_implementation != attn:
+        model.set_attn_implementation(attn)
+
+
 def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, console=None,
           progress: bool = True) -> TrainResult:
-    """Train a LoRA adapter as `cfg` says; write adapter, metrics and checkpoints to output_dir.
+    """Train as `cfg` says; write the adapter (or model), metrics and checkpoints to output_dir.
 
     `model`/`tokenizer` may be passed in (tests, sweeps); otherwise the base is loaded from
     `cfg.model`. With `resume`, training continues from the latest complete checkpoint.
@@ -101,7 +125,7 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
         torch.set_num_threads(t.threads)
     device = resolve_device(cfg.model.device)
 
-    # Model: the frozen base in the configured dtype, fp32 adapters on top.
+    # Model: the base in the configured dtype; for lora frozen, with fp32 adapters on top.
     if model is None:
         from lorakit.models import load_base
 
@@ -113,7 +137,8 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
 
         model.lorakit_identity = base_identity(model, cfg.model.name)
     torch.manual_seed(t.seed)  # seeds the adapter init, dropout and everything after
-    inject(model, cfg.lora)
+    named_params = make_trainable(model, cfg)
+    _apply_speed_settings(model, t, device)
     total_params, trainable_params = count_parameters(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -124,7 +149,7 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
     total_steps = t.max_steps or math.ceil(t.epochs * plan.per_epoch / t.grad_accum)
     warmup_steps = int(t.warmup_ratio * total_steps)
 
-    params = adapter_parameters(model)
+    params = [p for _, p in named_params]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     config_yaml = dump_config(cfg)
 
@@ -137,11 +162,11 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
         state, opt_tensors, rng_tensors = load_checkpoint(ckpt)
         from safetensors.torch import load_file
 
-        saved = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
-        with torch.no_grad():
-            for name, layer in lora_layers(model):
-                for part in ("lora_A", "lora_B"):
-                    getattr(layer, part).weight.copy_(saved[f"base_model.model.{name}.{part}.weight"])
+        if t.method == "lora":
+            load_trainable(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")),
+                           prefix=PEFT_PREFIX)
+        else:
+            load_trainable(model, load_file(str(ckpt / TRAINABLE_DIR / TRAINABLE_FILE)))
         optimizer_from_files(optimizer, opt_tensors, state["optimizer"])
         set_rng_state(rng_tensors, state["rng"])
         step, micro, tokens_seen = state["step"], state["micro_batch"], state["tokens"]
@@ -154,15 +179,19 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
         metrics_path.write_text("")
     (out / "config.yaml").write_text(config_yaml)
 
-    def write_adapter(path):
-        save_adapter(model, cfg.lora, path)
+    def write_weights(path):
+        if t.method == "lora":
+            save_adapter(model, cfg.lora, path)
+        else:
+            save_trainable(model, path)
 
     def checkpoint():
-        save_checkpoint(ckpt_root, step, write_adapter, optimizer,
+        save_checkpoint(ckpt_root, step, write_weights, optimizer,
                         {"micro_batch": micro, "tokens": tokens_seen, "input_tokens": input_tokens,
                          "best_val_loss": None if math.isinf(best_val) else best_val,
                          "evals_without_gain": evals_without_gain},
-                        config_yaml, t.keep_checkpoints)
+                        config_yaml, t.keep_checkpoints,
+                        weights_dir="adapter" if t.method == "lora" else TRAINABLE_DIR)
 
     bar = TrainProgress(total_steps, step, console=console, enabled=progress)
     bar.note(f"{len(data.train)} train / {len(data.validation)} validation examples, "
@@ -237,7 +266,7 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
                 if t.early_stopping_patience and evals_without_gain >= t.early_stopping_patience:
                     stopped_early = True
                     bar.note(f"early stop at step {step}: no validation gain in "
-                             f"{evals_without_gain} evaluations; keeping the best adapter "
+                             f"{evals_without_gain} evaluations; keeping the best weights "
                              f"(validation loss {best_val:.4f})")
 
             # Save.
@@ -252,7 +281,11 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
                 if n in best_weights:
                     p.copy_(best_weights[n])
         val_loss = best_val
-    adapter_dir = save_adapter(model, cfg.lora, out / "adapter")
+    if t.method == "lora":
+        adapter_dir = save_adapter(model, cfg.lora, out / "adapter")
+    else:
+        adapter_dir = save_model_dir(model, tokenizer, out / "model")
     model.eval()
     return TrainResult(out, adapter_dir, step, train_loss, val_loss, tokens_seen, input_tokens,
-                       time.perf_counter() - start_time, trainable_params, total_params, stopped_early)
+                       time.perf_counter() - start_time, trainable_params, total_params, stopped_early,
+                       t.method)
