@@ -93,7 +93,8 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     console = _console()
     result = train(cfg, resume=args.resume, console=console)
-    console.print(f"[green]adapter written to[/] {result.adapter_dir} "
+    what = "adapter" if result.method == "lora" else "model"
+    console.print(f"[green]{what} written to[/] {result.adapter_dir} "
                   f"({result.steps} steps, {result.seconds:.0f} s, final loss {result.train_loss:.4f}"
                   + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "") + ")")
     console.print(f"metrics: {result.output_dir / 'metrics.jsonl'}")
@@ -133,6 +134,30 @@ def cmd_data_stats(args) -> int:
         print(json.dumps(stats, indent=2))
     else:
         print_data_stats(stats, console=_console())
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    """Run a sweep file's trials one after another (resumable), then plot its results.jsonl."""
+    from lorakit.sweep.plot import plot_results
+    from lorakit.sweep.run import run_sweep
+
+    console = _console()
+    result = run_sweep(args.sweep, args.overrides, console=console)
+    console.print(f"{result.ran} trial(s) run ({result.failed} failed), {result.skipped} already done; "
+                  f"results: {result.results_path}")
+    written = plot_results(result.results_path, result.output_dir / "plots", console=console)
+    console.print(f"plots and summary: {written['summary.md'].parent}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    """Plot a sweep's results.jsonl: loss curves, validation loss by rate and by target modules."""
+    from lorakit.sweep.plot import plot_results
+
+    written = plot_results(args.results, args.out, console=_console())
+    for path in written.values():
+        print(path)
     return 0
 
 
@@ -215,6 +240,15 @@ def _parser() -> argparse.ArgumentParser:
     add_calc_arguments(sp)
     add_serve_parser(sub)
     add_adapters_parser(sub)
+
+    sp = add("sweep", cmd_sweep, "run a hyperparameter sweep (grid or random) of training runs")
+    sp.add_argument("sweep", help="sweep YAML (docs/sweeps.md)")
+    sp.add_argument("overrides", nargs="*",
+                    help="section.key=value for every trial; sweep.key=value for the sweep file")
+
+    sp = add("plot", cmd_plot, "plots and a summary table from a sweep's results.jsonl")
+    sp.add_argument("results", help="results.jsonl of a sweep")
+    sp.add_argument("--out", help="output folder (default: plots/ beside the results file)")
 
     sp = add("demo", cmd_demo, "run the bundled intent-detection study")
     sp.add_argument("overrides", nargs="*", help="section.key=value overrides of the study config")

@@ -1,8 +1,11 @@
 """Base beside adapter on the same held-out rows: the study the material asks every user to run.
 
 `evaluate_model` evaluates one in-memory model twice when asked to compare: with its LoRA layers
-switched off (the base model, prompted exactly as the adapter is) and on. The result is written as
-JSON and Markdown by `lorakit.eval.run.write_report` and printed as rich tables.
+switched off (the base model, prompted exactly as the adapter is) and on. A model trained with
+`train.method` full or freeze has no LoRA layers to switch off, so its base column comes from a
+separately loaded copy of the base (`base_model`); the report still calls the trained column
+"adapter", meaning "the fine-tuned model" whatever the method. The result is written as JSON and
+Markdown by `lorakit.eval.run.write_report` and printed as rich tables.
 """
 
 from __future__ import annotations
@@ -10,26 +13,38 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.data.formats import load_examples
+from lorakit.errors import LorakitError
 from lorakit.eval.run import compare, evaluate, print_report, write_report
 from lorakit.lora import lora_layers, set_adapters_enabled
 
 
 def evaluate_model(model, tokenizer, examples, out_dir: str | Path, task: str = "auto",
                    compare_base: bool = True, batch_size: int = 16, max_seq_len: int = 512,
-                   console=None) -> dict:
-    """Evaluate the adapter (and the base, with `compare_base`) and write the report."""
+                   console=None, base_model=None, fine_tuned: bool | None = None) -> dict:
+    """Evaluate the adapter (and the base, with `compare_base`) and write the report.
+
+    `fine_tuned` says whether `model` is a trained model (default: it has LoRA layers). A trained
+    model without LoRA layers (full or freeze fine-tuning) needs `base_model`, the untouched base
+    with the same tokenizer, for the base column when `compare_base` is set.
+    """
     has_adapter = any(True for _ in lora_layers(model))
+    fine_tuned = has_adapter if fine_tuned is None else fine_tuned
+    if fine_tuned and not has_adapter and compare_base and base_model is None:
+        raise LorakitError("evaluate_model: the model has no LoRA layers to switch off; pass "
+                           "base_model (the untouched base) to compare against it")
     results: dict = {}
-    if compare_base or not has_adapter:
-        set_adapters_enabled(model, False)
+    if compare_base or not fine_tuned:
+        base = base_model if base_model is not None else model
+        set_adapters_enabled(base, False)
         if console:
             console.print(f"[bold]evaluating the base model[/] on {len(examples)} rows")
-        results["base"] = evaluate(model, tokenizer, examples, task=task, max_seq_len=max_seq_len,
+        results["base"] = evaluate(base, tokenizer, examples, task=task, max_seq_len=max_seq_len,
                                    batch_size=batch_size)
-        set_adapters_enabled(model, True)
-    if has_adapter:
+        set_adapters_enabled(base, True)
+    if fine_tuned:
         if console:
-            console.print(f"[bold]evaluating the adapter[/] on {len(examples)} rows")
+            what = "the adapter" if has_adapter else "the fine-tuned model"
+            console.print(f"[bold]evaluating {what}[/] on {len(examples)} rows")
         results["adapter"] = evaluate(model, tokenizer, examples, task=task, max_seq_len=max_seq_len,
                                       batch_size=batch_size)
     if "base" in results and "adapter" in results:
@@ -45,23 +60,35 @@ def evaluate_model(model, tokenizer, examples, out_dir: str | Path, task: str = 
 
 
 def evaluate_run(cfg, adapter_dir, model=None, tokenizer=None, console=None) -> dict:
-    """The eval section of a run config, on the adapter a run wrote (or the model in memory)."""
+    """The eval section of a run config, on what a run wrote (or the model in memory).
+
+    `adapter_dir` is `TrainResult.adapter_dir`: an adapter for method lora, a whole model
+    directory for full and freeze, whose base column (with `eval.compare`) is a freshly loaded
+    `cfg.model.name`.
+    """
     from lorakit.device import dtype_of, resolve_device
+    from lorakit.models import load_base
 
-    if model is None:
+    dtype, device = dtype_of(cfg.model.dtype), resolve_device(cfg.model.device)
+    lora = cfg.train.method == "lora"
+    if model is None and lora:
         from lorakit.adapters import load_adapter
-        from lorakit.models import load_base
 
-        model, tokenizer = load_base(cfg.model.name, dtype=dtype_of(cfg.model.dtype),
-                                     device=resolve_device(cfg.model.device))
+        model, tokenizer = load_base(cfg.model.name, dtype=dtype, device=device)
         load_adapter(model, adapter_dir)
+    elif model is None:
+        model, tokenizer = load_base(str(adapter_dir), dtype=dtype, device=device)
+    base_model = None
+    if not lora and cfg.eval.compare:
+        base_model, _ = load_base(cfg.model.name, dtype=dtype, device=next(model.parameters()).device)
     examples = load_examples(cfg.eval.data, system_prompt=cfg.data.system_prompt)
     if cfg.eval.max_examples:
         examples = examples[:cfg.eval.max_examples]
     out_dir = Path(cfg.train.output_dir) / "eval"
     return evaluate_model(model, tokenizer, examples, out_dir, task=cfg.eval.task,
                           compare_base=cfg.eval.compare, batch_size=cfg.eval.batch_size,
-                          max_seq_len=cfg.data.max_seq_len, console=console)
+                          max_seq_len=cfg.data.max_seq_len, console=console,
+                          base_model=base_model, fine_tuned=True)
 
 
 def evaluate_files(model_spec: str, adapter_dir: str | None, data: str, out_dir: str,

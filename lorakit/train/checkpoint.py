@@ -1,10 +1,12 @@
 """Training checkpoints that a crash cannot half-write, and resume from the latest complete one.
 
-A checkpoint is a directory `checkpoints/step-00000120/` holding the adapter (PEFT format), the
-optimizer state and RNG states (safetensors: no pickle), the trainer state (step, data position,
-best validation loss) as JSON, the resolved config, and last a `manifest.json` with the SHA-256
-of every file. It is built in a temporary sibling directory, each file fsynced, then renamed into
-place; a directory without a manifest, or whose files do not match it, is never resumed from.
+A checkpoint is a directory `checkpoints/step-00000120/` holding the trained weights (the
+adapter in PEFT format in `adapter/`, or for full/freeze runs the trainable parameters in
+`trainable/trainable.safetensors`), the optimizer state and RNG states (safetensors: no pickle),
+the trainer state (step, data position, best validation loss) as JSON, the resolved config, and
+last a `manifest.json` with the SHA-256 of every file. It is built in a temporary sibling
+directory, each file fsynced, then renamed into place; a directory without a manifest, or whose
+files do not match it, is never resumed from.
 """
 
 from __future__ import annotations
@@ -78,11 +80,13 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(ckpt_root: Path, step: int, write_adapter, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, config_yaml: str, keep: int) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, write_weights, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict, config_yaml: str, keep: int,
+                    weights_dir: str = "adapter") -> Path:
     """Write `ckpt_root/step-NNNNNNNN/` atomically and prune to the newest `keep` complete ones.
 
-    `write_adapter(dir)` saves the adapter in PEFT format into `dir`.
+    `write_weights(dir)` saves the trained weights into `dir`, the checkpoint's `weights_dir`
+    subfolder (the adapter in PEFT format, or the trainable parameters of a full/freeze run).
     """
     from safetensors.torch import save_file
 
@@ -90,7 +94,7 @@ def save_checkpoint(ckpt_root: Path, step: int, write_adapter, optimizer: torch.
     final = ckpt_root / f"{_PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=ckpt_root))
     try:
-        write_adapter(tmp / "adapter")
+        write_weights(tmp / weights_dir)
         opt_tensors, opt_json = optimizer_to_files(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng_tensors, rng_json = rng_state()
