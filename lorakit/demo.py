@@ -10,8 +10,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from lorakit.examples.intents import INSTRUCTION
+
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 STUDY_CONFIG = EXAMPLES / "intents.yaml"
+DEMO_ADAPTER_NAME = "intents-demo"
 
 
 def run_demo(overrides: list[str] = (), console=None) -> dict:
@@ -44,10 +47,31 @@ def run_demo(overrides: list[str] = (), console=None) -> dict:
     report = evaluate_run(cfg, result.adapter_dir, model=model, tokenizer=tokenizer, console=console)
 
     console.rule("done")
+    eval_dir = Path(cfg.train.output_dir) / "eval"
+    served = _register_for_serving(result.adapter_dir, eval_dir / "report.json", console)
     console.print(f"adapter:  {result.adapter_dir}")
     console.print(f"metrics:  {result.output_dir / 'metrics.jsonl'}")
-    console.print(f"report:   {Path(cfg.train.output_dir) / 'eval'}")
-    console.print(f"try it:   lorakit generate --adapter {result.adapter_dir} "
-                  "--prompt \"is the blue sofa still available?\"")
+    console.print(f"report:   {eval_dir}")
+    # Prompted exactly as in training: the instruction, a blank line, the message (bash $'...').
+    prompt = (INSTRUCTION + "\\n\\nis the blue sofa still available?").replace("'", "\\'")
+    console.print(f"try it:   lorakit generate --adapter {result.adapter_dir} --prompt $'{prompt}'",
+                  markup=False)
+    if served:
+        console.print(f"serve it: lorakit serve    (then send requests with model=\"{DEMO_ADAPTER_NAME}\" "
+                      "to http://127.0.0.1:8000/v1)")
     console.print(f"total wall time: {time.perf_counter() - started:.0f} s")
     return report
+
+
+def _register_for_serving(adapter_dir: Path, report_json: Path, console) -> bool:
+    """Put the demo's adapter in the serving registry under DEMO_ADAPTER_NAME (replacing an old one)."""
+    from lorakit.errors import LorakitError
+    from lorakit.serve.cli_adapters import add_adapter
+
+    try:
+        add_adapter(DEMO_ADAPTER_NAME, adapter_dir.resolve(), replace=True,
+                    eval_results=report_json if report_json.exists() else None)
+    except LorakitError as e:
+        console.print(f"[yellow]not registered for serving: {e}[/]")
+        return False
+    return True

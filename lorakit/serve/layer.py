@@ -69,12 +69,19 @@ class SlotBatch:
                 for s in slots
             ]
             return
-        r = self.max_lora_rank
-        mask = torch.zeros(len(row_slots), 1, self.max_loras * r, dtype=dtype)
-        for i, s in enumerate(row_slots):
-            if s >= 0:
-                mask[i, 0, s * r:(s + 1) * r] = 1
-        self.row_mask = mask.to(device)
+        # Rows laid out slot by slot, each slot padded to the busiest slot's row count R:
+        # slot_rows[s * R + j] is the j-th row on slot s (row 0 as filler, zeroed by slot_valid).
+        by_slot = [[i for i, r in enumerate(row_slots) if r == s] for s in range(self.max_loras)]
+        rows_per_slot = max(len(rows) for rows in by_slot)
+        index = torch.zeros(self.max_loras, rows_per_slot, dtype=torch.long)
+        valid = torch.zeros(self.max_loras, rows_per_slot, 1, 1, dtype=dtype)
+        for s, rows in enumerate(by_slot):
+            index[s, :len(rows)] = torch.tensor(rows, dtype=torch.long)
+            valid[s, :len(rows)] = 1
+        self.rows_per_slot = rows_per_slot
+        self.slot_rows = index.flatten().to(device)  # (S * R,)
+        self.slot_valid = valid.to(device)  # (S, R, 1, 1)
+        self.row_mask = True
 
     def clear(self) -> None:
         self.set([])
@@ -146,10 +153,13 @@ class MultiLoraLinear(nn.Module):
                 out = out + self._delta(x, batch.uniform_slot).to(out.dtype)
             return out
         if batch.row_mask is not None:
-            a_all = self.lora_a.view(-1, self.in_features)  # (S*r, d_in)
-            b_all = self.lora_b.view(-1, self.out_features)  # (S*r, d_out)
-            h = (x.to(a_all.dtype) @ a_all.T) * batch.row_mask.to(a_all.dtype)  # (B, T, S*r), own slot
-            return out + (h @ b_all).to(out.dtype)
+            S, R, T, r = self.max_loras, batch.rows_per_slot, x.shape[1], max(self.slot_rank)
+            a, b = self.lora_a[:, :r], self.lora_b[:, :r]  # (S, r, d_in), (S, r, d_out)
+            xs = x.index_select(0, batch.slot_rows).to(a.dtype)  # (S*R, T, d_in), slot-major
+            h = torch.bmm(xs.view(S, R * T, self.in_features), a.transpose(1, 2))  # (S, R*T, r)
+            h = (h.view(S, R, T, r) * batch.slot_valid.to(h.dtype)).view(S, R * T, r)
+            delta = torch.bmm(h, b).view(S * R, T, self.out_features)  # (S*R, T, d_out)
+            return out.index_add_(0, batch.slot_rows, delta.to(out.dtype))
         for slot, rows in batch.groups:
             if self.slot_rank[slot]:
                 delta = self._delta(x.index_select(0, rows), slot)  # (n_rows, T, d_out)

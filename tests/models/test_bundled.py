@@ -6,6 +6,7 @@ works end to end) and stays under ~40 s on 2 CPU cores; the slow one adds compar
 second dequantization or a second dtype.
 """
 
+import json
 import time
 
 import pytest
@@ -32,7 +33,7 @@ def _answer(model, tokenizer, max_new_tokens=10) -> str:
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def test_bundled_model_converts_once_reloads_and_generates(monkeypatch):
+def test_bundled_model_converts_once_reloads_and_generates(monkeypatch, capsys):
     converted = []
     real = gguf_cache._convert_into
     monkeypatch.setattr(gguf_cache, "_convert_into", lambda *a: (converted.append(a), real(*a)))
@@ -59,6 +60,16 @@ def test_bundled_model_converts_once_reloads_and_generates(monkeypatch):
 
     answer = _answer(again, tok2)
     assert answer.strip(), "greedy generation produced no text"
+
+    # `lorakit info` on the same cache: 30 layers x 8 x ((576 + 576) + (576 + 192)) for q and v.
+    from lorakit.cli import main
+
+    capsys.readouterr()
+    assert main(["info", "--model", DEFAULT_MODEL, "--r", "8", "--target-modules", "q_proj,v_proj",
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["trainable_params"] == 460_800
+    assert len(info["adapted_modules"]) == 60 and len(converted) == 1
 
 
 @pytest.mark.slow
