@@ -223,7 +223,11 @@ def main() -> None:
         rows = short_rows(n_rows) if data == "short" else long_rows(n_rows)
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-        results = {s: spawn(s, f.name, args) for s in args.systems}
+        results = {}
+        for s in args.systems:
+            results[s] = spawn(s, f.name, args)
+            print(f"{data:6} {s:10} {results[s]['tokens_per_s']:8.0f} tok/s, "
+                  f"peak RSS {results[s]['peak_rss_mb']:.0f} MB", flush=True)
         report["results"][data] = results
         if "lorakit" in results:
             lk = results["lorakit"]

@@ -76,7 +76,7 @@ class TrainSection:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     # Speed switches that change numerics slightly (the defaults are the fast ones):
     lora_compute: str = "base"  # base: LoRA matmuls in the base dtype (as autocast); fp32: in fp32
-    attn_implementation: str = "auto"  # auto: eager on CPU (faster to train here), sdpa on GPUs
+    attn_implementation: str = "auto"  # auto: eager on CPU for short rows (p90 <= 256 tokens), else sdpa
 
 
 @dataclass

@@ -19,10 +19,11 @@ reference, like vLLM's torch reference ops beside its Punica kernels):
 Three batched forms compute it, chosen per step by how many adapters the batch mixes:
 - every row on one slot: two skinny matmuls over the whole batch, no gather;
 - a few slots (<= `GROUPED_MAX_SLOTS`): rows grouped by slot, two skinny matmuls per group;
-- many slots: every row through every slot at once, `((x @ A_all.T) * row_mask) @ B_all`, where
-  `row_mask` (B, 1, max_loras * max_lora_rank) keeps each row's own slot columns. It spends
-  FLOPs on the other slots' columns to replace 4 small ops per group with 3 larger ones; on CPU
-  the per-op dispatch cost of many groups outweighs those FLOPs (benchmarks/serve_throughput.py).
+- many slots: the rows gathered slot-major into a (max_loras, R, T, d_in) block, R = the busiest
+  slot's row count (short slots padded with a filler row whose result is zeroed), then one
+  batched matmul per factor over all slots and one `index_add_` back (Punica's SGMV done with
+  `torch.bmm`). A fixed five ops per layer however many adapters mix, each slot's A and B read
+  once, and FLOPs for about R x max_loras rows instead of every row times every slot.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ class SlotBatch:
         self.row_slots: list[int] = []
         self.groups: list[tuple[int, torch.Tensor]] = []  # (slot, row indices) for slot >= 0
         self.uniform_slot: int | None = None  # set when every row uses the same adapter slot
-        self.row_mask: torch.Tensor | None = None  # (B, 1, max_loras * max_lora_rank) when many slots
+        # Set when many slots mix (see the module docstring): the slot-major row layout.
+        self.rows_per_slot = 0
+        self.slot_rows: torch.Tensor | None = None  # (max_loras * rows_per_slot,) row indices
+        self.slot_valid: torch.Tensor | None = None  # (max_loras, rows_per_slot, 1, 1) 1 = real row
 
     def set(self, row_slots: list[int], device: torch.device | str = "cpu",
             dtype: torch.dtype = torch.float32) -> None:
@@ -60,7 +64,7 @@ class SlotBatch:
         slots = sorted({s for s in row_slots if s >= 0})
         self.uniform_slot = slots[0] if len(slots) == 1 and all(s == slots[0] for s in row_slots) \
             else None
-        self.groups, self.row_mask = [], None
+        self.groups, self.rows_per_slot, self.slot_rows, self.slot_valid = [], 0, None, None
         if self.uniform_slot is not None or not slots:
             return
         if len(slots) <= GROUPED_MAX_SLOTS:
@@ -81,7 +85,6 @@ class SlotBatch:
         self.rows_per_slot = rows_per_slot
         self.slot_rows = index.flatten().to(device)  # (S * R,)
         self.slot_valid = valid.to(device)  # (S, R, 1, 1)
-        self.row_mask = True
 
     def clear(self) -> None:
         self.set([])
@@ -152,7 +155,7 @@ class MultiLoraLinear(nn.Module):
             if self.slot_rank[batch.uniform_slot]:
                 out = out + self._delta(x, batch.uniform_slot).to(out.dtype)
             return out
-        if batch.row_mask is not None:
+        if batch.slot_rows is not None:
             S, R, T, r = self.max_loras, batch.rows_per_slot, x.shape[1], max(self.slot_rank)
             a, b = self.lora_a[:, :r], self.lora_b[:, :r]  # (S, r, d_in), (S, r, d_out)
             xs = x.index_select(0, batch.slot_rows).to(a.dtype)  # (S*R, T, d_in), slot-major

@@ -97,16 +97,22 @@ def validation_loss(model, encoded, pad_id, batch_size, device, supervised_only=
     return total / max(count, 1)
 
 
-def _apply_speed_settings(model, t, device) -> None:
+EAGER_MAX_TOKENS = 256  # attn_implementation auto: eager when 90% of rows are at most this long
+
+
+def _apply_speed_settings(model, t, device, lengths: list[int]) -> None:
     """`train.lora_compute` and `train.attn_implementation` (measured in benchmarks/train_throughput.py)."""
     base_dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), None)
     for _, layer in lora_layers(model):
         layer.compute_dtype = base_dtype if t.lora_compute == "base" else torch.float32
     attn = t.attn_implementation
     if attn == "auto":
-        # On CPU, eager attention trains faster than SDPA's flash kernel, whose backward is slow
-        # here (about 4x the eager backward at 128 tokens, bf16, 2 cores).
-        attn = "eager" if torch.device(device).type == "cpu" else "sdpa"
+        # On CPU, eager attention trains short rows faster than SDPA's flash kernel, whose
+        # backward is slow here (about 4x the eager backward at 128 tokens, bf16, 2 cores); eager
+        # keeps (B, heads, T, T) probabilities per layer, so long rows go to SDPA.
+        p90 = sorted(lengths)[int(0.9 * (len(lengths) - 1))] if lengths else 0
+        short = p90 <= EAGER_MAX_TOKENS
+        attn = "eager" if torch.device(device).type == "cpu" and short else "sdpa"
     if hasattr(model, "set_attn_implementation") and model.config._attn_implementation != attn:
         model.set_attn_implementation(attn)
 
@@ -138,12 +144,12 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
         model.lorakit_identity = base_identity(model, cfg.model.name)
     torch.manual_seed(t.seed)  # seeds the adapter init, dropout and everything after
     named_params = make_trainable(model, cfg)
-    _apply_speed_settings(model, t, device)
     total_params, trainable_params = count_parameters(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # Data: encoded once; the batch plan decides the order from (seed, epoch) alone.
     data = prepare_data(cfg, tokenizer)
+    _apply_speed_settings(model, t, device, [len(e.input_ids) for e in data.train])
     plan = BatchPlan([len(e.input_ids) for e in data.train], t.batch_size, t.seed, t.group_by_length,
                      t.shuffle)
     total_steps = t.max_steps or math.ceil(t.epochs * plan.per_epoch / t.grad_accum)

@@ -29,7 +29,7 @@ def test_mixed_rows_equal_plain_loop(slots):
     layer, batch, _ = _layer()
     x = torch.randn(6, 5, 24)
     batch.set(slots)
-    assert (batch.row_mask is not None) == (len({s for s in slots if s >= 0}) > 2)
+    assert (batch.slot_rows is not None) == (len({s for s in slots if s >= 0}) > 2)
     got = layer(x)
     want = reference_forward(layer, x, slots)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -42,6 +42,18 @@ def test_supervised_positions_loss_equals_full_masked_loss(make):
     torch.testing.assert_close(fast / n1, reference, atol=1e-5, rtol=1e-6)
     fast.backward()  # gradients flow through the picked positions
 
+    # The chunked head (checkpointed, 5 positions per chunk) gives the same loss and gradients.
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    chunked, n3 = causal_lm_loss_sum(model, ids, labels, mask, supervised_only=True, chunk_rows=5)
+    assert n3 == n1 and n1 > 10  # several chunks
+    torch.testing.assert_close(chunked, fast, atol=1e-5, rtol=1e-6)
+    chunked.backward()
+    assert grads
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5)
+
 
 def test_epoch_batches_cover_every_example_once_and_are_seeded():
     lengths = [(i * 37) % 50 + 1 for i in range(103)]
