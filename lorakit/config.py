@@ -256,16 +256,25 @@ def build_config(raw: dict, overrides: list[str] = (), source: str | None = None
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict:
+    """The top-level mapping of a YAML file; ConfigError naming the file (and line) otherwise."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{path}: no such {what} file")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{line} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what} settings at the top level")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    raw = read_yaml_mapping(path, "config")
     return build_config(raw, overrides, source=str(path), base_dir=path.parent)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from lorakit.config import read_yaml_mapping
 from lorakit.errors import ConfigError
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -141,16 +142,7 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] = ())
     if path is None:
         return build_serve_config({}, overrides, "defaults")
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such serve config file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of serve settings at the top level")
+    raw = read_yaml_mapping(path, "serve config")
     cfg = build_serve_config(raw, overrides, str(path))
     if "adapters_root" in raw and not Path(cfg.adapters_root).is_absolute():
         cfg.adapters_root = str((path.parent / cfg.adapters_root).resolve())

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from lorakit.config import RunConfig, build_config, load_config, parse_override
+from lorakit.config import RunConfig, build_config, load_config, parse_override, read_yaml_mapping
 from lorakit.errors import ConfigError
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -224,15 +224,7 @@ def _semantic_problems(s: SweepConfig) -> list[str]:
 def load_sweep(path: str | Path, sweep_overrides: list[str] = ()) -> SweepConfig:
     """Read and check a sweep YAML; `sweep.key=value` overrides set its own top-level keys."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such sweep file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path}:{f' line {mark.line + 1}' if mark else ''} not valid YAML") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping (base, output_dir, grid or random, ...)")
+    raw = read_yaml_mapping(path, "sweep")
     if "overrides" in raw and raw["overrides"] is None:  # `overrides:` with nothing under it
         raw["overrides"] = []
     problems = []
