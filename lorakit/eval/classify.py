@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.models.load import cache_of, with_cache
 
 
 @dataclass
@@ -162,7 +163,7 @@ def _decode_batch(model, root: TrieNode, prompts: list[list[int]], pad_id: int) 
     # Left padding would otherwise shift every real token's position by the pad count.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     out = _forward(model, keep_last, input_ids=input_ids, attention_mask=mask, position_ids=positions)
-    cache, logits = out.past_key_values, out.logits[:, -1].float()  # (B, V)
+    cache, logits = cache_of(out), out.logits[:, -1].float()  # (B, V)
     next_pos = positions[:, -1] + 1  # (B,)
 
     nodes = [root] * len(prompts)
@@ -183,9 +184,9 @@ def _decode_batch(model, root: TrieNode, prompts: list[list[int]], pad_id: int) 
             break
         # Finished rows feed a masked pad so the batch keeps its shape and their outputs are ignored.
         mask = torch.cat([mask, live.to(device)[:, None]], dim=1)  # (B, T+1)
-        out = _forward(model, keep_last, input_ids=step.to(device)[:, None], attention_mask=mask,
-                       position_ids=next_pos[:, None], past_key_values=cache)
-        cache, logits = out.past_key_values, out.logits[:, -1].float()
+        out = _forward(model, keep_last, **with_cache(model, cache, dict(
+            input_ids=step.to(device)[:, None], attention_mask=mask, position_ids=next_pos[:, None])))
+        cache, logits = cache_of(out), out.logits[:, -1].float()
         next_pos = next_pos + 1
     return [n.label for n in nodes]
 

@@ -209,3 +209,17 @@ def load_base(spec: str | Path, dtype: torch.dtype = torch.float32,
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.lorakit_identity = base_identity(model, bundled_name(spec) or str(path))
     return model, tokenizer
+
+
+def with_cache(model, cache, kwargs: dict) -> dict:
+    """`kwargs` plus the KV cache under the name this model's forward takes: `cache` in
+    transformers 5.x (which warns on every call given `past_key_values`), else `past_key_values`."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {**kwargs, name: cache}
+
+
+def cache_of(output):
+    """The KV cache a forward returned, under either name."""
+    return output["cache"] if "cache" in output else output.past_key_values

@@ -25,6 +25,7 @@ from concurrent.futures import Future
 import torch
 
 from lorakit.errors import AdapterError, LorakitError
+from lorakit.models.load import cache_of, with_cache
 from lorakit.serve.cache import AdapterCache
 from lorakit.serve.kvcache import BatchKV, left_pad, positions_from_mask
 from lorakit.serve.layer import SlotBatch
@@ -232,11 +233,12 @@ class Engine:
     def _forward(self, ids, mask, positions, cache, slots: list[int]):
         self.batch.set(slots, self.device)
         try:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(**with_cache(self.model, cache, dict(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)))
         finally:
             self.batch.clear()
-        return out.logits[:, -1], out.past_key_values  # (B, V)
+        return out.logits[:, -1], cache_of(out)  # (B, V)
 
     def _prefill(self, joiners: list[Request]) -> None:
         from transformers import DynamicCache
