@@ -43,8 +43,8 @@ GROUPED_MAX_SLOTS = 2
 class SlotBatch:
     """The per-row slot indices of the batch about to run, shared by every `MultiLoraLinear`.
 
-    The engine sets it once per forward; each layer reads the precomputed grouping and row mask
-    instead of re-deriving them 200 times per step.
+    The engine sets it once per forward; each layer reads the precomputed grouping or slot-major
+    layout instead of re-deriving it 200 times per step.
     """
 
     def __init__(self, max_loras: int = 1, max_lora_rank: int = 1) -> None:
