@@ -12,6 +12,7 @@ to their own format, and callers that only tokenize plain text do not need one.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -211,13 +212,19 @@ def load_base(spec: str | Path, dtype: torch.dtype = torch.float32,
     return model, tokenizer
 
 
-def with_cache(model, cache, kwargs: dict) -> dict:
-    """`kwargs` plus the KV cache under the name this model's forward takes: `cache` in
-    transformers 5.x (which warns on every call given `past_key_values`), else `past_key_values`."""
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
     import inspect
 
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {**kwargs, name: cache}
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters \
+        else "past_key_values"
+
+
+def with_cache(model, cache, kwargs: dict) -> dict:
+    """`kwargs` plus the KV cache under the name this model's forward takes: `cache` in
+    transformers 5.x (which warns on every call given `past_key_values`), else `past_key_values`.
+    Looked up once per model class: this runs on every decode step."""
+    return {**kwargs, _cache_argument(type(model)): cache}
 
 
 def cache_of(output):

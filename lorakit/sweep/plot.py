@@ -66,6 +66,14 @@ def _figure():
     return fig, fig.add_subplot()
 
 
+def _save_lines(fig, ax, path: Path) -> None:
+    """The line plots' common finish: grid, legend, layout, PNG."""
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def _log_x(ax) -> None:
     """Log x axis labelled with plain numbers (1, 2, 5, 10, ... or 0.001, 0.002, 0.005, ...)."""
     from matplotlib.ticker import FuncFormatter
@@ -109,10 +117,7 @@ def plot_loss_curves(rows: list[dict], path: Path) -> str | None:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("Training loss per step: each rank's best trial solid, its others faint", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    _save_lines(fig, ax, path)
     return None
 
 
@@ -141,10 +146,7 @@ def plot_val_vs_lr(rows: list[dict], path: Path) -> str | None:
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final validation loss")
     ax.set_title("Final validation loss against learning rate")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    _save_lines(fig, ax, path)
     return None
 
 
