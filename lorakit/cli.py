@@ -111,7 +111,8 @@ def cmd_eval(args) -> int:
 
     evaluate_files(args.model, args.adapter, args.data, out_dir=args.out, task=args.task,
                    compare=args.compare, batch_size=args.batch_size, max_examples=args.max_examples,
-                   dtype=args.dtype, device=args.device, console=_console())
+                   dtype=args.dtype, device=args.device, console=_console(),
+                   quantize_base=args.quantize_base)
     return 0
 
 
@@ -119,8 +120,15 @@ def cmd_merge(args) -> int:
     """Merge an adapter into its base and write a plain transformers model directory."""
     from lorakit.adapters.merge import merge_to_directory
 
-    out = merge_to_directory(args.model, args.adapter, args.out, dtype=args.dtype, force=args.force)
-    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    result = merge_to_directory(args.model, args.adapter, args.out, dtype=args.dtype,
+                                force=args.force, quantize_base=args.quantize_base)
+    print(f"merged model written to {result.path} (load it with "
+          "AutoModelForCausalLM.from_pretrained)")
+    if result.drift_vs_quantized is not None:
+        print(f"max |logit| drift on {result.sample_tokens} sample tokens against the adapter on "
+              f"the NF4 base: {result.drift_vs_quantized:.3g} (merged into the dequantized "
+              f"weights, written); {result.drift_if_original:.3g} if merged into the original "
+              "weights instead")
     return 0
 
 
@@ -215,6 +223,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--max-examples", type=int, default=0)
     sp.add_argument("--out", default="eval_report", help="folder for report.json and report.md")
+    sp.add_argument("--quantize-base", choices=["nf4"],
+                    help="evaluate on the NF4 base a QLoRA adapter was trained on")
 
     sp = add("merge", cmd_merge, "merge an adapter into its base")
     sp.add_argument("--model", default=DEFAULT_MODEL)
@@ -222,6 +232,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     sp.add_argument("--force", action="store_true")
+    sp.add_argument("--quantize-base", choices=["nf4"],
+                    help="the adapter was trained on an NF4 base (QLoRA): merge into that base, "
+                         "dequantized, and report the logit drift")
 
     sp = add("data", None, "data tools")
     data_sub = sp.add_subparsers(dest="data_command", required=True)
@@ -232,6 +245,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--max-seq-len", type=int, default=2048)
     st.add_argument("--json", action="store_true")
 
+    from lorakit.adapters.combine import add_combine_parser
+    from lorakit.adapters.export_gguf import add_export_parser
+    from lorakit.adapters.portability import add_check_adapter_parser
     from lorakit.calc.cli import add_calc_arguments, calc_main
     from lorakit.serve.app import add_serve_parser
     from lorakit.serve.cli_adapters import add_adapters_parser
@@ -240,6 +256,9 @@ def _parser() -> argparse.ArgumentParser:
     add_calc_arguments(sp)
     add_serve_parser(sub)
     add_adapters_parser(sub)
+    add_check_adapter_parser(sub)
+    add_export_parser(sub)
+    add_combine_parser(sub)
 
     sp = add("sweep", cmd_sweep, "run a hyperparameter sweep (grid or random) of training runs")
     sp.add_argument("sweep", help="sweep YAML (docs/sweeps.md)")

@@ -33,6 +33,9 @@ class ModelSection:
     name: str = "smollm2-135m-instruct"  # bundled name, HF directory or .gguf file
     dtype: str = "bf16"  # frozen base weights and compute: fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # nf4: store the frozen base linear weights in 4-bit NormalFloat with double quantization
+    # (QLoRA; torchao's NF4Tensor, blocks of 64, scales quantized in blocks of 256). lora only.
+    quantize_base: str | None = None
 
 
 @dataclass
@@ -77,6 +80,8 @@ class TrainSection:
     # Speed switches that change numerics slightly (the defaults are the fast ones):
     lora_compute: str = "base"  # base: LoRA matmuls in the base dtype (as autocast); fp32: in fp32
     attn_implementation: str = "auto"  # auto: eager on CPU for short rows (p90 <= 256 tokens), else sdpa
+    # LoRA+ (Hayou et al. 2024): B matrices (and DoRA magnitudes) learn at ratio x lr; 0 = off.
+    loraplus_lr_ratio: float = 0.0
 
 
 @dataclass
@@ -121,6 +126,10 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(annotation)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        return isinstance(value, dict) and all(_type_ok(k, key_type) and _type_ok(v, value_type)
+                                               for k, v in value.items())
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:
@@ -169,6 +178,16 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
         p.append(f"train.warmup_ratio: got {t.warmup_ratio} (expected 0 <= x < 1)")
     if not 0 <= t.min_lr_ratio <= 1:
         p.append(f"train.min_lr_ratio: got {t.min_lr_ratio} (expected 0 <= x <= 1)")
+    if cfg.model.quantize_base not in (None, "nf4"):
+        p.append(f"model.quantize_base: got {cfg.model.quantize_base!r} (expected nf4 or null)")
+    if cfg.model.quantize_base and t.method != "lora":
+        p.append(f"model.quantize_base: a quantized base trains only adapters (train.method is "
+                 f"{t.method!r}; expected lora)")
+    if cfg.model.quantize_base and cfg.lora.pissa_niter is not None:
+        p.append("lora.init_lora_weights: PiSSA over a quantized base is not supported "
+                 "(model.quantize_base is set)")
+    if t.loraplus_lr_ratio < 0:
+        p.append(f"train.loraplus_lr_ratio: got {t.loraplus_lr_ratio} (expected >= 0; 0 = off)")
     if t.lora_compute not in ("base", "fp32"):
         p.append(f"train.lora_compute: got {t.lora_compute!r} (expected base or fp32)")
     if t.attn_implementation not in ("auto", "eager", "sdpa"):

@@ -31,3 +31,7 @@ class ConfigError(LorakitError):
 
 class DataError(LorakitError):
     """A data file has bad rows (every bad row listed with its file and line)."""
+
+
+class ExportError(LorakitError):
+    """An export that cannot be done: unsupported model or adapter, bad output path or type."""

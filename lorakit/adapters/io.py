@@ -15,18 +15,19 @@ Only safetensors are read: a pickled `adapter_model.bin` can run code when loade
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lorakit.errors import AdapterError
-from lorakit.lora.config import LoraConfig
+from lorakit.lora.config import ALL_LINEAR, LoraConfig
 from lorakit.lora.inject import PEFT_PREFIX, inject, is_linear, lora_layers, lora_state_dict
 from lorakit.lora.layer import LoraLinear, linear_shape
 
@@ -35,7 +36,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 HASH_KEY = "lorakit.base_weights_sha256"
 NAME_KEY = "lorakit.base_model"
-_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\."
+                     r"(?:(?P<part>lora_A|lora_B)\.weight|(?P<magnitude>lora_magnitude_vector))$")
 
 
 @dataclass
@@ -51,6 +53,11 @@ class AdapterFiles:
     def modules(self) -> list[str]:
         """Module paths that carry an A and a B, sorted."""
         return sorted({_KEY_RE.match(k)["module"] for k in self.tensors})
+
+    def lora_pair(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (r, d_in), B (d_out, r)) of one module."""
+        return (self.tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"],
+                self.tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"])
 
 
 def _fsync_dir(path: Path) -> None:
@@ -73,17 +80,28 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
+def _pissa_as_lora_config(cfg: LoraConfig) -> LoraConfig:
+    """The config of a PiSSA adapter written as a rank-2r LoRA: same scaling, plain init."""
+    factor = math.sqrt(2) if cfg.use_rslora else 2  # alpha' / f(2r) == alpha / f(r)
+    return replace(cfg, r=2 * cfg.r, lora_alpha=factor * cfg.lora_alpha,
+                   rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},
+                   alpha_pattern={k: factor * v for k, v in cfg.alpha_pattern.items()},
+                   init_lora_weights=True)
+
+
 def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path,
-                 base_identity: dict | None = None) -> Path:
+                 base_identity: dict | None = None, pissa_as_lora: bool = True) -> Path:
     """Write the model's LoRA layers as a PEFT adapter directory, atomically.
 
     `base_identity` ({name, weights_sha256}) defaults to `model.lorakit_identity` when the base
-    came from `lorakit.models.load_base`.
+    came from `lorakit.models.load_base`. A PiSSA adapter is written as a plain LoRA against the
+    original base (see `lora_state_dict`) unless `pissa_as_lora` is False (checkpoints).
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    tensors = {k: v.detach().to("cpu").contiguous()
+               for k, v in lora_state_dict(model, pissa_as_lora).items()}
     if not tensors:
         raise AdapterError("the model has no LoRA layers to save (call lorakit.lora.inject first)")
     identity = base_identity if base_identity is not None else getattr(model, "lorakit_identity", None)
@@ -91,10 +109,14 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path,
     layers = dict(lora_layers(model))
     leaves = sorted({name.rsplit(".", 1)[-1] for name in layers})
     conv1d = any(layer.fan_in_fan_out for layer in layers.values())
-    saved_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                           target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
-                           bias=cfg.bias, fan_in_fan_out=conv1d)
-    config = saved_cfg.to_peft_dict(leaves, identity.get("name"))
+    saved_cfg = replace(cfg, fan_in_fan_out=conv1d)
+    if pissa_as_lora and any(layer.pissa_initial is not None for layer in layers.values()):
+        saved_cfg = _pissa_as_lora_config(saved_cfg)
+    # Leaf names state plainly what is adapted (vLLM reads them to size its slots), but only when
+    # they select the same modules: a regex or a dotted path (one layer's q_proj) is kept as given.
+    tm = cfg.target_modules
+    plain = tm == ALL_LINEAR or (isinstance(tm, list) and all("." not in t for t in tm))
+    config = saved_cfg.to_peft_dict(leaves if plain else tm, identity.get("name"))
     metadata = {"format": "pt"}
     if identity.get("weights_sha256"):
         metadata[HASH_KEY] = identity["weights_sha256"]
@@ -160,24 +182,33 @@ def read_adapter(adapter_dir: str | Path) -> AdapterFiles:
     seen: dict[str, set[str]] = {}
     for key, t in tensors.items():
         m = _KEY_RE.match(key)
-        if m is None:
+        if m is None or (m["magnitude"] and not cfg.use_dora):
             problems.append(f"{key}: unexpected key (expected "
-                            "base_model.model.<module>.lora_A.weight or .lora_B.weight)")
+                            "base_model.model.<module>.lora_A.weight or .lora_B.weight"
+                            f"{', and .lora_magnitude_vector with use_dora' if m is None else ''})")
             continue
-        seen.setdefault(m["module"], set()).add(m["part"])
+        part = m["part"] or m["magnitude"]
+        seen.setdefault(m["module"], set()).add(part)
+        r = cfg.r_for(m["module"])
         if not t.is_floating_point():
             problems.append(f"{key}: dtype {t.dtype} (expected a floating-point tensor)")
         elif not torch.isfinite(t).all():
             problems.append(f"{key}: holds NaN or inf values")
-        if t.dim() != 2:
+        if part == "lora_magnitude_vector":
+            if t.dim() != 1:
+                problems.append(f"{key}: {t.dim()}-d tensor (expected 1-d, (d_out,))")
+        elif t.dim() != 2:
             problems.append(f"{key}: {t.dim()}-d tensor (expected 2-d)")
-        elif m["part"] == "lora_A" and t.shape[0] != cfg.r:
-            problems.append(f"{key}: shape {tuple(t.shape)} (expected ({cfg.r}, d_in) for r={cfg.r})")
-        elif m["part"] == "lora_B" and t.shape[1] != cfg.r:
-            problems.append(f"{key}: shape {tuple(t.shape)} (expected (d_out, {cfg.r}) for r={cfg.r})")
+        elif part == "lora_A" and t.shape[0] != r:
+            problems.append(f"{key}: shape {tuple(t.shape)} (expected ({r}, d_in) for r={r})")
+        elif part == "lora_B" and t.shape[1] != r:
+            problems.append(f"{key}: shape {tuple(t.shape)} (expected (d_out, {r}) for r={r})")
+    wanted = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if cfg.use_dora else set())
     for module, parts in sorted(seen.items()):
-        for part in {"lora_A", "lora_B"} - parts:
-            problems.append(f"{PEFT_PREFIX}{module}.{part}.weight: missing (the file has its pair)")
+        for part in sorted(wanted - parts):
+            suffix = part if part == "lora_magnitude_vector" else f"{part}.weight"
+            problems.append(f"{PEFT_PREFIX}{module}.{suffix}: missing (the file has the module's "
+                            "other tensors)")
     if not tensors:
         problems.append("no tensors")
     if problems:
@@ -221,14 +252,18 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, force: bool = False,
             problems.append(f"{PEFT_PREFIX}{module_name}.lora_A.weight: {what} in this base model")
             continue
         d_in, d_out = linear_shape(module)
-        a = files.tensors[f"{PEFT_PREFIX}{module_name}.lora_A.weight"]
-        b = files.tensors[f"{PEFT_PREFIX}{module_name}.lora_B.weight"]
-        if tuple(a.shape) != (cfg.r, d_in):
+        r = cfg.r_for(module_name)
+        a, b = files.lora_pair(module_name)
+        if tuple(a.shape) != (r, d_in):
             problems.append(f"{PEFT_PREFIX}{module_name}.lora_A.weight: shape {tuple(a.shape)} "
-                            f"(expected ({cfg.r}, {d_in}) for this base)")
-        if tuple(b.shape) != (d_out, cfg.r):
+                            f"(expected ({r}, {d_in}) for this base)")
+        if tuple(b.shape) != (d_out, r):
             problems.append(f"{PEFT_PREFIX}{module_name}.lora_B.weight: shape {tuple(b.shape)} "
-                            f"(expected ({d_out}, {cfg.r}) for this base)")
+                            f"(expected ({d_out}, {r}) for this base)")
+        m = files.tensors.get(f"{PEFT_PREFIX}{module_name}.lora_magnitude_vector")
+        if m is not None and tuple(m.shape) != (d_out,):
+            problems.append(f"{PEFT_PREFIX}{module_name}.lora_magnitude_vector: shape "
+                            f"{tuple(m.shape)} (expected ({d_out},) for this base)")
     if problems:
         raise AdapterError(f"{weights_path}: does not fit this base model:\n  " + "\n  ".join(problems))
 
@@ -245,13 +280,25 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, force: bool = False,
         raise AdapterError(f"{weights_path}: tensors for modules its config does not target "
                            f"(target_modules={cfg.target_modules!r}), e.g. {PEFT_PREFIX}{extra[0]}")
 
+    if cfg.pissa_niter:
+        raise AdapterError(
+            f"{files.path / CONFIG_NAME}: init_lora_weights is {cfg.init_lora_weights!r}: the adapter "
+            "was trained on a residual base from a randomised SVD that cannot be recomputed. "
+            "Write it as a plain LoRA where it was trained (PEFT: save_pretrained with "
+            "path_initial_model_for_weight_conversion; lorakit writes that form itself)")
+
+    # A full-SVD PiSSA adapter (PEFT's unconverted form) is loaded as PEFT does: the SVD is
+    # recomputed and the base replaced by its residual before the trained A and B go in.
     inject(model, cfg, dtype=dtype)
     with torch.no_grad():
         for name, layer in lora_layers(model):
-            for part in ("lora_A", "lora_B"):
-                src = files.tensors[f"{PEFT_PREFIX}{name}.{part}.weight"]
-                dst = getattr(layer, part).weight
-                dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
+            params = [(f"{PEFT_PREFIX}{name}.{p}.weight", getattr(layer, p).weight)
+                      for p in ("lora_A", "lora_B")]
+            if layer.use_dora:
+                params.append((f"{PEFT_PREFIX}{name}.lora_magnitude_vector",
+                               layer.lora_magnitude_vector))
+            for key, dst in params:
+                dst.copy_(files.tensors[key].to(dtype=dst.dtype, device=dst.device))
     return cfg
 
 

@@ -75,6 +75,10 @@ def evaluate_run(cfg, adapter_dir, model=None, tokenizer=None, console=None) -> 
         from lorakit.adapters import load_adapter
 
         model, tokenizer = load_base(cfg.model.name, dtype=dtype, device=device)
+        if cfg.model.quantize_base == "nf4":  # the base the adapter was trained on
+            from lorakit.lora.quant import quantize_base_nf4
+
+            quantize_base_nf4(model)
         load_adapter(model, adapter_dir)
     elif model is None:
         model, tokenizer = load_base(str(adapter_dir), dtype=dtype, device=device)
@@ -94,13 +98,18 @@ def evaluate_run(cfg, adapter_dir, model=None, tokenizer=None, console=None) -> 
 def evaluate_files(model_spec: str, adapter_dir: str | None, data: str, out_dir: str,
                    task: str = "auto", compare: bool = False, batch_size: int = 16,
                    max_examples: int = 0, dtype: str = "fp32", device: str = "auto",
-                   console=None) -> dict:
-    """`lorakit eval`: a model spec, an optional adapter, a data file."""
+                   console=None, quantize_base: str | None = None) -> dict:
+    """`lorakit eval`: a model spec, an optional adapter, a data file (`quantize_base="nf4"`:
+    on the NF4 base a QLoRA adapter was trained on)."""
     from lorakit.adapters import load_adapter
     from lorakit.device import dtype_of, resolve_device
     from lorakit.models import load_base
 
     model, tokenizer = load_base(model_spec, dtype=dtype_of(dtype), device=resolve_device(device))
+    if quantize_base == "nf4":
+        from lorakit.lora.quant import quantize_base_nf4
+
+        quantize_base_nf4(model)
     if adapter_dir:
         load_adapter(model, adapter_dir)
     examples = load_examples(data)

@@ -8,6 +8,7 @@ Hu et al. 2021 (`alpha / r`) and Kalajdzievski 2023, rsLoRA (`alpha / sqrt(r)`).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,11 +27,8 @@ _PEFT_INERT_DEFAULTS: dict[str, Any] = {
     "task_type": None,  # any task type: lorakit works on causal LMs
     "exclude_modules": None,
     "modules_to_save": None,
-    "init_lora_weights": None,  # either value: only matters before training
     "layers_to_transform": None,
     "layers_pattern": None,
-    "rank_pattern": {},
-    "alpha_pattern": {},
     "megatron_config": None,
     "megatron_core": None,
     "trainable_token_indices": None,
@@ -38,7 +36,6 @@ _PEFT_INERT_DEFAULTS: dict[str, Any] = {
     "eva_config": None,
     "corda_config": None,
     "lora_ga_config": None,
-    "use_dora": False,
     "velora_config": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
@@ -53,8 +50,24 @@ _PEFT_INERT_DEFAULTS: dict[str, Any] = {
     "ensure_weight_tying": False,
 }
 # Keys whose value is informational: any value is accepted.
-_ANY_VALUE = {"inference_mode", "peft_version", "task_type", "init_lora_weights", "megatron_core",
+_ANY_VALUE = {"inference_mode", "peft_version", "task_type", "megatron_core",
               "qalora_group_size", "auto_mapping", "revision"}
+
+
+def _pattern_key(pattern: dict, module_name: str) -> str | None:
+    """The first key of `pattern` that matches the end of `module_name` (PEFT's rule), or None."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def _is_rank(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _is_alpha(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
 @dataclass
@@ -75,11 +88,44 @@ class LoraConfig:
     # Set when the wrapped layers store weight transposed (transformers' Conv1D, as in GPT-2).
     # Written for PEFT's sake; our layers read the orientation from the module itself.
     fan_in_fan_out: bool = False
+    # DoRA (Liu et al. 2024): a trained magnitude per output row over the normalised direction.
+    use_dora: bool = False
+    # Per-module rank and alpha: {pattern: value}, pattern matched against the end of the full
+    # module name as PEFT's `get_pattern_key` does; the first matching pattern wins.
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # True: A Kaiming-uniform, B zero. "pissa": A and B from the top-r singular vectors of W
+    # (Meng et al. 2024), "pissa_niter_N": the same from N subspace iterations (fast, randomised).
+    init_lora_weights: bool | str = True
 
     @property
     def scaling(self) -> float:
         """The factor on B A x: alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def r_for(self, module_name: str) -> int:
+        """The rank of the module with this full name (`rank_pattern`, else `r`)."""
+        key = _pattern_key(self.rank_pattern, module_name)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def alpha_for(self, module_name: str) -> float:
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return self.lora_alpha if key is None else self.alpha_pattern[key]
+
+    def scaling_for(self, module_name: str) -> float:
+        """The scaling of one module: its alpha over its r (or sqrt(r) with rsLoRA)."""
+        r = self.r_for(module_name)
+        return self.alpha_for(module_name) / (math.sqrt(r) if self.use_rslora else r)
+
+    @property
+    def pissa_niter(self) -> int | None:
+        """None for plain init; 0 for full-SVD PiSSA; N for `pissa_niter_N`."""
+        init = self.init_lora_weights
+        if init == "pissa":
+            return 0
+        if isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", init):
+            return int(init[len("pissa_niter_"):])
+        return None
 
     def problems(self) -> list[str]:
         """Every invalid field, as `field: what is wrong (expected ...)`; empty when valid."""
@@ -99,8 +145,30 @@ class LoraConfig:
                        "a regex string, or 'all-linear')")
         if self.bias != "none":
             out.append(f"bias: got {self.bias!r} (expected 'none'; bias training is not supported)")
-        if not isinstance(self.use_rslora, bool):
-            out.append(f"use_rslora: got {self.use_rslora!r} (expected true or false)")
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name}: got {getattr(self, name)!r} (expected true or false)")
+        for name, ok, expected in (("rank_pattern", _is_rank, "an integer >= 1"),
+                                   ("alpha_pattern", _is_alpha, "a number > 0")):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict):
+                out.append(f"{name}: got {pattern!r} (expected a mapping of module pattern to value)")
+                continue
+            for key, value in pattern.items():
+                if not isinstance(key, str) or not key:
+                    out.append(f"{name}: key {key!r} (expected a module name or regex)")
+                    continue
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    out.append(f"{name}.{key}: not a valid regular expression ({e})")
+                if not ok(value):
+                    out.append(f"{name}.{key}: got {value!r} (expected {expected})")
+        if self.init_lora_weights is not True and self.pissa_niter is None:
+            out.append(f"init_lora_weights: got {self.init_lora_weights!r} (expected true, "
+                       "'pissa' or 'pissa_niter_N' with N >= 1)")
+        if self.pissa_niter is not None and self.use_dora:
+            out.append("init_lora_weights: PiSSA with use_dora is not supported (pick one)")
         return out
 
     def validate(self) -> LoraConfig:
@@ -122,16 +190,17 @@ class LoraConfig:
             "r": self.r,
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
-            "target_modules": sorted(target_modules_resolved),
+            "target_modules": (target_modules_resolved if isinstance(target_modules_resolved, str)
+                               else sorted(target_modules_resolved)),
             "use_rslora": self.use_rslora,
             "bias": self.bias,
             "fan_in_fan_out": self.fan_in_fan_out,
             "inference_mode": True,
-            "init_lora_weights": True,
+            "init_lora_weights": self.init_lora_weights,
             "modules_to_save": None,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-            "use_dora": False,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "use_dora": self.use_dora,
         }
 
     @classmethod
@@ -164,6 +233,20 @@ class LoraConfig:
             if isinstance(kwargs.get("target_modules"), (set, tuple)):
                 kwargs["target_modules"] = sorted(kwargs["target_modules"])
             kwargs.setdefault("lora_dropout", 0.0)
+            for key in ("rank_pattern", "alpha_pattern"):
+                if kwargs.get(key) is None:
+                    kwargs[key] = {}
+            init = kwargs.get("init_lora_weights", True)
+            if init in (True, False, "gaussian", "eva"):
+                # These leave the base weights untouched: they only mattered before training.
+                kwargs["init_lora_weights"] = True
+            elif not (isinstance(init, str) and init.startswith("pissa")):
+                problems.append(
+                    f"init_lora_weights: got {init!r}; this initialisation changes the base "
+                    "weights and the adapter is only right on that changed base. Convert it to a "
+                    "plain LoRA in PEFT first (save_pretrained with "
+                    "path_initial_model_for_weight_conversion)")
+        if not problems:
             cfg = cls(**kwargs)
             problems = cfg.problems()
         if problems:

@@ -78,17 +78,22 @@ def inject(model: nn.Module, cfg: LoraConfig, dtype: torch.dtype | None = None) 
 
     Returns the full names of the wrapped modules. Adapter weights are created in `dtype`
     (default fp32) on each base layer's device; base parameters end with requires_grad False.
+    Each module gets its own rank and alpha from `rank_pattern` / `alpha_pattern`. With PiSSA
+    (`init_lora_weights: pissa...`) the base weights are replaced by their residuals here.
     """
     cfg.validate()
     names = target_names(model, cfg)
     for p in model.parameters():
         p.requires_grad_(False)
+    niter = cfg.pissa_niter
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, leaf)
-        setattr(parent, leaf, LoraLinear(base, cfg.r, cfg.lora_alpha, cfg.lora_dropout,
-                                         cfg.use_rslora, dtype=dtype))
+        layer = LoraLinear(getattr(parent, leaf), cfg.r_for(name), cfg.alpha_for(name),
+                           cfg.lora_dropout, cfg.use_rslora, dtype=dtype, use_dora=cfg.use_dora)
+        if niter is not None:
+            layer.pissa_init(niter)
+        setattr(parent, leaf, layer)
     return names
 
 
@@ -101,15 +106,28 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, layer in lora_layers(model)
-            for p in (layer.lora_A.weight, layer.lora_B.weight)]
+            for p in (layer.lora_A.weight, layer.lora_B.weight)
+            + ((layer.lora_magnitude_vector,) if layer.use_dora else ())]
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under PEFT's on-disk names."""
+def lora_state_dict(model: nn.Module, pissa_as_lora: bool = True) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's on-disk names.
+
+    A PiSSA layer trains on a residual base; with `pissa_as_lora` its update against the
+    original base, s B A - s B0 A0, is written as a plain LoRA of rank 2r: A' = [A; A0],
+    B' = [B, -B0] (PEFT's `path_initial_model_for_weight_conversion`). Without it the raw A, B
+    are written (checkpoints, resumed on the same residual base).
+    """
     out = {}
     for name, layer in lora_layers(model):
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+        a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+        if pissa_as_lora and layer.pissa_initial is not None:
+            a0, b0 = layer.pissa_initial
+            a, b = torch.cat([a, a0], dim=0), torch.cat([b, -b0], dim=1)  # (2r, d_in), (d_out, 2r)
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
+        if layer.use_dora:
+            out[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
     return out
 
 

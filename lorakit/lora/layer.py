@@ -5,8 +5,19 @@ Follows Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models": fo
 B (d_out x r) zero, so training starts exactly at the base model. Initialisation matches PEFT's
 `reset_lora_parameters` (kaiming_uniform_ with a=sqrt(5)), so seeded runs start alike.
 
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") adds a trained magnitude m
+per output row: the layer computes `m / ||W + s B A||_row * (W + s B A) x + bias`, with the norm
+treated as a constant in the backward pass (section 4.3 of the paper; PEFT does the same), and m
+starting at ||W||_row so training again starts at the base. The parameter is named
+`lora_magnitude_vector`, as PEFT names it on disk.
+
+PiSSA (Meng et al. 2024) starts A and B from the top-r singular triplets of W and keeps the
+residual W - s B A as the frozen base, so the initial model equals the base (`pissa_init`).
+
 The base layer is held, not inherited from (`self.base`), and may be `nn.Linear` or transformers'
-`Conv1D` (GPT-2), whose weight is stored transposed (d_in x d_out).
+`Conv1D` (GPT-2), whose weight is stored transposed (d_in x d_out). Its weight may be a torchao
+`NF4Tensor` (QLoRA, `lorakit.lora.quant`); `base_weight()` gives it in plain form for the
+operations that need the full matrix (DoRA norms); merging into NF4 is refused.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ class LoraLinear(nn.Module):
     """A frozen linear layer plus `scaling * lora_B(lora_A(dropout(x)))`."""
 
     def __init__(self, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, dtype: torch.dtype | None = None):
+                 use_rslora: bool = False, dtype: torch.dtype | None = None, use_dora: bool = False):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = linear_shape(base)
@@ -58,6 +69,27 @@ class LoraLinear(nn.Module):
         self.reset_lora_parameters()
         for p in self.base.parameters():
             p.requires_grad_(False)
+        self.use_dora = use_dora
+        self.dora_factor: torch.Tensor | None = None  # m / ||W + s B A||, kept while merged
+        if use_dora:
+            # m = ||W||_row at B = 0, so the initial output is the base's.
+            self.lora_magnitude_vector = nn.Parameter(self._weight_norm(), requires_grad=True)
+        # (A0, B0) of a PiSSA start, kept to write the adapter against the original base.
+        self.pissa_initial: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as a plain tensor in (d_out, d_in) layout (dequantized if NF4)."""
+        weight = self.base.weight
+        if hasattr(weight, "get_original_weight"):  # torchao NF4Tensor
+            weight = weight.get_original_weight()
+        return weight.T if self.fan_in_fan_out else weight
+
+    @torch.no_grad()
+    def _weight_norm(self) -> torch.Tensor:
+        """||W + s B A|| over each output row, fp32, shape (d_out,); a constant for autograd."""
+        lora_dtype = self.lora_A.weight.dtype
+        w = self.base_weight().float() + self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        return torch.linalg.vector_norm(w, dim=1).to(lora_dtype)
 
     def reset_lora_parameters(self) -> None:
         """A Kaiming-uniform (a = sqrt(5), as nn.Linear and PEFT), B zero."""
@@ -76,36 +108,93 @@ class LoraLinear(nn.Module):
         # scaling * B (A x), with the scaling applied on the rank-r side where it is cheapest.
         h = F.linear(lora_x, self.lora_A.weight.to(dtype)) * self.scaling  # (..., r)
         update = F.linear(h, self.lora_B.weight.to(dtype))  # (..., d_out)
-        return result + update.to(result.dtype)
+        if not self.use_dora:
+            return result + update.to(result.dtype)
+        # DoRA: out = f * (W x' + s B A x') + bias with f = m / ||W + s B A|| (constant norm), written
+        # as a correction of the base output. With dropout active x' differs from x, so W x' is
+        # recomputed; otherwise the base output (minus its bias) is reused.
+        f = (self.lora_magnitude_vector / self._weight_norm()).to(dtype)  # (d_out,)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base_x = result if self.base.bias is None else result - self.base.bias
+        else:
+            base_x = F.linear(lora_x, self.base_weight().to(dtype))
+        return result + ((f - 1) * base_x.to(dtype) + f * update).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A in fp32, in the base weight's layout ((d_in, d_out) for Conv1D)."""
         delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # (d_out, d_in)
         return delta.T if self.fan_in_fan_out else delta
 
+    def _set_base_weight(self, weight: torch.Tensor) -> None:
+        """Replace the base weight from a (d_out, d_in) fp32 matrix, keeping its type and dtype."""
+        old = self.base.weight
+        if hasattr(old, "get_original_weight"):
+            raise MergeError("the base weight is stored in NF4: merging into it would quantize the "
+                             "merged weight again; dequantize the base first "
+                             "(lorakit.lora.quant.dequantize_base) and merge into that")
+        old.copy_((weight.T if self.fan_in_fan_out else weight).to(old.dtype))
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The merged weight in fp32, (d_out, d_in): W + s B A, or f (W + s B A) with DoRA."""
+        w = self.base_weight().float()
+        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        w = w + delta.to(w.device)  # (d_out, d_in)
+        if self.use_dora:
+            w = (self.lora_magnitude_vector.float() / torch.linalg.vector_norm(w, dim=1)).view(-1, 1) * w
+        return w
+
     @torch.no_grad()
     def merge(self, safe: bool = False) -> None:
-        """W <- W + scaling B A, computed in fp32. Idempotent; `safe` refuses non-finite results."""
+        """W <- W + s B A (DoRA: f (W + s B A)), computed in fp32. Idempotent; `safe` refuses
+        non-finite results."""
         if self.merged:
             return
-        weight = self.base.weight
-        merged = (weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype)
-        if safe and not torch.isfinite(merged).all():
+        merged = self.merged_weight()
+        if safe and not torch.isfinite(merged.to(self.base.weight.dtype)).all():
             raise MergeError(f"merging this LoRA layer ({self.out_features}x{self.in_features}, "
                              f"r={self.r}) gives non-finite weights; the adapter or base holds NaN/inf "
                              "or overflows the base dtype")
-        weight.copy_(merged)
+        if self.use_dora:
+            self.dora_factor = self.lora_magnitude_vector.float() / self._weight_norm().float()
+        self._set_base_weight(merged)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W <- W - scaling B A, in fp32. Idempotent."""
+        """W <- W - s B A (DoRA: W / f - s B A, with the f of the merge), in fp32. Idempotent."""
         if not self.merged:
             return
-        weight = self.base.weight
-        weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
+        w = self.base_weight().float()
+        if self.use_dora:
+            w = w / self.dora_factor.view(-1, 1)
+            self.dora_factor = None
+        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        self._set_base_weight(w - delta.to(w.device))
         self.merged = False
+
+    @torch.no_grad()
+    def pissa_init(self, niter: int = 0) -> None:
+        """A, B from the top-r singular triplets of W; the base keeps W - s B A (PiSSA).
+
+        With W = U S V^T: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T, so s B A = U_r S_r V_r^T.
+        `niter` > 0 uses `torch.svd_lowrank` with that many subspace iterations (fast, randomised:
+        seed torch first). Follows PEFT's `pissa_init` so seeded results compare.
+        """
+        w = self.base_weight().float()  # (d_out, d_in)
+        if niter:
+            u, s, v = torch.svd_lowrank(w, q=self.r, niter=niter)  # v: (d_in, r)
+            vh = v.T
+        else:
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        sr = torch.sqrt(s[: self.r] / self.scaling)
+        a = sr.view(-1, 1) * vh[: self.r]  # (r, d_in)
+        b = u[:, : self.r] * sr.view(1, -1)  # (d_out, r)
+        self.lora_A.weight.copy_(a.to(self.lora_A.weight.dtype))
+        self.lora_B.weight.copy_(b.to(self.lora_B.weight.dtype))
+        self._set_base_weight(w - self.scaling * (b @ a))
+        self.pissa_initial = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone())
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, "
-                f"scaling={self.scaling:g}, merged={self.merged}")
+                f"scaling={self.scaling:g}, dora={self.use_dora}, merged={self.merged}")

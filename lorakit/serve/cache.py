@@ -39,9 +39,9 @@ class CpuAdapter:
     """One adapter's checked weights in host memory, keyed by served module name."""
 
     name: str
-    rank: int
-    scaling: float
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A (r, d_in), B (d_out, r))
+    rank: int  # the largest module rank (rank_pattern may give modules their own)
+    # module -> (A (r, d_in), B (d_out, r), scaling): per module, as rank/alpha patterns say
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     nbytes: int
 
 
@@ -73,14 +73,19 @@ class AdapterCache:
                 f"adapter {name!r} ({files.path}) was trained on base {files.base_model!r} (weights "
                 f"{files.base_weights_sha256[:12]}), but this server serves "
                 f"{self.base_identity.get('name')!r} (weights {want[:12]})")
-        r = files.config.r
+        cfg = files.config
+        if cfg.use_dora:
+            raise AdapterError(f"adapter {name!r} ({files.path}) is a DoRA adapter; the batched "
+                               "server runs plain LoRA (merge it with `lorakit merge` and serve "
+                               "the merged model, or train without use_dora)")
+        r = max(cfg.r_for(module) for module in files.modules())
         if r > self.max_lora_rank:
             raise AdapterError(f"adapter {name!r} ({files.path}) has rank {r}, above this server's "
                                f"max_lora_rank={self.max_lora_rank}")
         problems, weights = [], {}
         for module in files.modules():
-            a = files.tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"]
-            b = files.tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"]
+            a, b = files.lora_pair(module)
+            r = cfg.r_for(module)
             layer = self.layers.get(module)
             if layer is None:
                 problems.append(f"{PEFT_PREFIX}{module}: not a layer this server adapts (served "
@@ -90,13 +95,13 @@ class AdapterCache:
                 problems.append(f"{PEFT_PREFIX}{module}: A {tuple(a.shape)}, B {tuple(b.shape)} "
                                 f"(expected A ({r}, {layer.in_features}), B ({layer.out_features}, {r}))")
                 continue
-            weights[module] = (a.contiguous(), b.contiguous())
+            weights[module] = (a.contiguous(), b.contiguous(), cfg.scaling_for(module))
         if problems:
             raise AdapterError(f"adapter {name!r} ({files.path}) does not fit the served base:\n  "
                                + "\n  ".join(problems))
         nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                     for a, b in weights.values())
-        return CpuAdapter(name, r, files.config.scaling, weights, nbytes)
+                     for a, b, _ in weights.values())
+        return CpuAdapter(name, max(cfg.r_for(m) for m in files.modules()), weights, nbytes)
 
     def record(self, name: str) -> AdapterRecord:
         """The registry row for `name`; an unregistered name found as a directory under the
@@ -153,8 +158,8 @@ class AdapterCache:
                 layer.reset_lora(slot)
         else:
             slot = self._free_slots.pop(0)
-        for module, (a, b) in adapter.weights.items():
-            self.layers[module].set_lora(slot, a, b, adapter.scaling)
+        for module, (a, b, scaling) in adapter.weights.items():
+            self.layers[module].set_lora(slot, a, b, scaling)
         self.slot_of[name] = slot
         if self.cpu.pinned(name):
             self.slots.pin(name)

@@ -117,6 +117,18 @@ def _apply_speed_settings(model, t, device, lengths: list[int]) -> None:
         model.set_attn_implementation(attn)
 
 
+def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], t) -> list[dict]:
+    """AdamW groups: one at the base rate; with LoRA+ (Hayou et al. 2024) a second for the B
+    matrices and other 1-d adapter parameters (DoRA magnitudes) at `loraplus_lr_ratio` x the
+    rate, as PEFT's `create_loraplus_optimizer` groups them. `lr_scale` is read by the schedule."""
+    ratio = t.loraplus_lr_ratio
+    if not ratio or t.method != "lora":
+        return [{"params": [p for _, p in named_params], "lr_scale": 1.0}]
+    fast = [p for n, p in named_params if "lora_B" in n or p.ndim == 1]
+    slow = [p for n, p in named_params if not ("lora_B" in n or p.ndim == 1)]
+    return [{"params": slow, "lr_scale": 1.0}, {"params": fast, "lr_scale": float(ratio)}]
+
+
 def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, console=None,
           progress: bool = True) -> TrainResult:
     """Train as `cfg` says; write the adapter (or model), metrics and checkpoints to output_dir.
@@ -156,7 +168,7 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
     warmup_steps = int(t.warmup_ratio * total_steps)
 
     params = [p for _, p in named_params]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(named_params, t), lr=t.lr, weight_decay=t.weight_decay)
     config_yaml = dump_config(cfg)
 
     step, micro, tokens_seen, input_tokens = 0, 0, 0, 0
@@ -186,8 +198,8 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
     (out / "config.yaml").write_text(config_yaml)
 
     def write_weights(path):
-        if t.method == "lora":
-            save_adapter(model, cfg.lora, path)
+        if t.method == "lora":  # PiSSA stays in its raw form: resuming recomputes the residual
+            save_adapter(model, cfg.lora, path, pissa_as_lora=False)
         else:
             save_trainable(model, path)
 
@@ -236,7 +248,7 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
                 if t.max_grad_norm > 0 else torch.tensor(0.0)
             lr = lr_at(step, total_steps, warmup_steps, t.lr, t.min_lr_ratio)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

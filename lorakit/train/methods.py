@@ -55,6 +55,10 @@ def make_trainable(model: nn.Module, cfg) -> list[tuple[str, nn.Parameter]]:
     if method == "lora":
         from lorakit.lora import inject
 
+        if cfg.model.quantize_base == "nf4":
+            from lorakit.lora.quant import quantize_base_nf4
+
+            model.lorakit_quant = quantize_base_nf4(model)
         inject(model, cfg.lora)
     elif method == "full":
         for p in model.parameters():

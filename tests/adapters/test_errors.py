@@ -133,8 +133,20 @@ def test_unknown_config_key(adapter_dir):
 
 
 def test_unsupported_peft_feature_refused(adapter_dir):
+    rewrite_config(adapter_dir, lambda d: d.__setitem__("lora_bias", True))
+    with pytest.raises(AdapterError, match=r"lora_bias: got True"):
+        read_adapter(adapter_dir)
+
+
+def test_dora_config_without_magnitudes_refused(adapter_dir):
     rewrite_config(adapter_dir, lambda d: d.__setitem__("use_dora", True))
-    with pytest.raises(AdapterError, match=r"use_dora: got True"):
+    with pytest.raises(AdapterError, match=r"q_proj\.lora_magnitude_vector: missing"):
+        read_adapter(adapter_dir)
+
+
+def test_base_changing_init_refused(adapter_dir):
+    rewrite_config(adapter_dir, lambda d: d.__setitem__("init_lora_weights", "olora"))
+    with pytest.raises(AdapterError, match=r"init_lora_weights: got 'olora'.*changes the base"):
         read_adapter(adapter_dir)
 
 

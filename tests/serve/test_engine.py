@@ -149,3 +149,44 @@ def test_requests_wait_when_every_slot_is_busy(llama, tokenizer, tmp_path):
     assert snap["slot_evictions"] == 1 and snap["slots"] == {"s1": 0}
     assert torch.equal(engine.model.model.layers[0].self_attn.q_proj.lora_a[0, :4],
                        cache._cpu["s1"].weights["model.layers.0.self_attn.q_proj"][0])
+
+
+def test_per_module_rank_and_alpha_served_as_merged(llama, tokenizer, tmp_path):
+    """rank_pattern / alpha_pattern adapters: each module served with its own rank and scaling."""
+    import copy
+
+    from lorakit.adapters.io import save_adapter
+    from lorakit.lora import LoraConfig, inject
+    from tests.lora.test_layer import randomize_b
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     rank_pattern={"v_proj": 8, r"layers\.1\.mlp\.down_proj": 2},
+                     alpha_pattern={"q_proj": 40.0})
+    model = copy.deepcopy(llama)
+    inject(model, cfg)
+    randomize_b(model, seed=3, scale=0.6)
+    path = save_adapter(model, cfg, tmp_path / "pat", base_identity={"name": "tiny-llama"})
+    engine, cache, registry = served(llama, tokenizer, tmp_path)
+    registry.add("pat", path)
+    n = 8
+    reqs = _run(engine, [engine.submit(Request(tokenizer(p)["input_ids"], a, _greedy(n)))
+                         for p in PROMPTS for a in [None, "pat"]])
+    merged = {a: merged_model(llama, path if a else None) for a in [None, "pat"]}
+    for r in reqs:
+        assert r.output_ids == greedy_reference(merged[r.adapter], r.prompt_ids, n)
+    assert any(a.output_ids != b.output_ids for a, b in zip(reqs[::2], reqs[1::2]))
+
+
+def test_dora_adapter_refused_with_reason(llama, tokenizer, tmp_path):
+    import copy
+
+    from lorakit.adapters.io import read_adapter, save_adapter
+    from lorakit.lora import LoraConfig, inject
+
+    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"])
+    model = copy.deepcopy(llama)
+    inject(model, cfg)
+    path = save_adapter(model, cfg, tmp_path / "dora", base_identity={"name": "tiny-llama"})
+    _, cache, _ = served(llama, tokenizer, tmp_path)
+    with pytest.raises(AdapterError, match="DoRA adapter.*lorakit merge"):
+        cache.check(read_adapter(path), "dora")

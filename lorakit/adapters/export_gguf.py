@@ -1,0 +1,280 @@
+"""`lorakit export`: an adapter as GGUF for llama.cpp, merged into its base or as a GGUF LoRA file.
+
+Two formats, following llama.cpp's own converters:
+
+- `gguf`: base + adapter merged (`merge_and_unload`, fp32 math) and written as a model file the way
+  `convert_hf_to_gguf.py` writes a Llama (`lorakit/adapters/gguf_writer.py`).
+- `gguf-lora`: the adapter alone, the way `convert_lora_to_gguf.py` writes it
+  (`lorakit/adapters/gguf_lora.py`), for `llama-cli --lora` / `llama-server --lora`.
+
+This file holds what both share: the supported architectures, HF -> GGUF tensor names
+(`gguf.get_tensor_name_map`), llama.cpp's q/k row permutation, the atomic file write, and the CLI
+subcommand. Only the Llama family (`LlamaForCausalLM`, e.g. SmolLM2) is supported: it is the one
+architecture whose tensors, hyperparameters and permutation we check end to end against
+transformers' GGUF loader (`transformers/modeling_gguf_pytorch_utils.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import ExportError
+
+FORMATS = ("gguf", "gguf-lora")
+MODEL_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# llama.cpp applies a LoRA as x A^T B^T next to the base matmul; q8_0 factors of rank r lose more
+# than they save, and lorakit's adapters are small anyway.
+LORA_OUTTYPES = ("f32", "f16", "bf16")
+# The converters' defaults: f16 for models, f32 for LoRA files.
+DEFAULT_OUTTYPE = {"gguf": "f16", "gguf-lora": "f32"}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    bytes: int
+    tensors: int
+    outtype: str
+
+
+# ---------------------------------------------------------------------------------------------
+# What both formats share: architecture check, tensor names, q/k permutation
+# ---------------------------------------------------------------------------------------------
+
+def check_architecture(model, source: str) -> None:
+    """Refuse a base whose GGUF form we do not write (or would write wrongly)."""
+    arch = type(model).__name__
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ExportError(f"{source}: architecture {arch} cannot be exported to GGUF; supported: "
+                          f"{', '.join(SUPPORTED_ARCHITECTURES)} (the Llama family, e.g. SmolLM2)")
+    cfg = model.config
+    problems = []
+    # llama.cpp's llama graph is SiLU-gated, bias-free, with plain or no rope scaling.
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={cfg.hidden_act!r} (expected 'silu')")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(cfg, flag, False):
+            problems.append(f"{flag}=True (expected False)")
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_type={rope.get('rope_type')!r} (expected 'default'; rope scaling "
+                        "is not exported yet)")
+    if problems:
+        raise ExportError(f"{source}: this {arch} cannot be exported to GGUF: " + "; ".join(problems))
+
+
+def tensor_name_map(config):
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+
+
+def gguf_tensor_name(name_map, hf_name: str) -> str:
+    """`blk.0.attn_q.weight` for `model.layers.0.self_attn.q_proj.weight`, as llama.cpp names it."""
+    name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise ExportError(f"{hf_name}: no GGUF name for this tensor in llama.cpp's Llama tensor map")
+    return name
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's `LlamaModel.permute`: each head's rows from HF's rotate-half order (first half,
+    second half) to ggml's interleaved pairs. transformers' GGUF loader undoes it on load
+    (`LlamaTensorProcessor._reverse_permute_weights`). Works on any (d_out, ...) tensor: a weight,
+    or a LoRA B whose rows are the weight's rows."""
+    d_out = w.shape[0]
+    head_dim = d_out // n_head
+    # (n_head, 2, head_dim/2, ...) -> swap the halves axis inward -> (d_out, ...)
+    return w.reshape(n_head, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def to_gguf_layout(hf_name: str, w: torch.Tensor, config) -> torch.Tensor:
+    """The tensor as llama.cpp stores it: q rows permuted per query head, k per key/value head."""
+    if hf_name.endswith("self_attn.q_proj.weight"):
+        return permute_qk(w, config.num_attention_heads)
+    if hf_name.endswith("self_attn.k_proj.weight"):
+        return permute_qk(w, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    return w
+
+
+def progress_bar(enabled: bool, description: str, total: int) -> contextlib.AbstractContextManager:
+    """A rich progress bar yielding an `advance()` callable (a no-op when disabled)."""
+
+    @contextlib.contextmanager
+    def bar() -> Iterator[Callable[[], None]]:
+        if not enabled:
+            yield lambda: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), transient=True) as p:
+            task = p.add_task(description, total=total)
+            yield lambda: p.advance(task)
+
+    return bar()
+
+
+# ---------------------------------------------------------------------------------------------
+# The output file: checked up front, written atomically
+# ---------------------------------------------------------------------------------------------
+
+def check_out_path(out: Path) -> None:
+    """The folder must exist; an existing file there is replaced (atomically), a folder is not."""
+    if out.is_dir():
+        raise ExportError(f"{out}: is a directory (expected a file path such as {out / 'model.gguf'})")
+    if not out.parent.is_dir():
+        raise ExportError(f"{out}: folder {out.parent} does not exist (expected the output file's "
+                          "folder to exist; create it first)")
+
+
+def write_atomic(out: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temporary sibling of `out`, fsync it, and rename it over `out`.
+
+    A crash or an error leaves `out` as it was (absent, or the previous file) and no temporary file.
+    """
+    from lorakit.adapters.io import _fsync_dir
+
+    # Not mkstemp: GGUFWriter creates the file itself, so it gets the umask's usual mode.
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+def _source_gguf_info(model_spec: str) -> dict:
+    """`general.name` and `tokenizer.ggml.pre` of the base when it is itself a GGUF file.
+
+    The pre-tokenizer name is llama.cpp's own label, found by hashing the tokenizer's output; it
+    does not survive the trip through transformers, so we take it from the original file.
+    """
+    from lorakit.models.load import resolve_spec
+
+    kind, path = resolve_spec(model_spec)
+    if kind != "gguf":
+        return {"name": path.name}
+    # transformers' header reader skips over the vocabulary arrays (~20 ms); gguf.GGUFReader
+    # builds a field for each of the 100k tokens and merges first (~8 s for SmolLM2).
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    metadata, _ = read_gguf_metadata(str(path))
+    info = {"name": path.stem}
+    for key, field in (("name", "general.name"), ("tokenizer_pre", "tokenizer.ggml.pre")):
+        if isinstance(metadata.get(field), str):
+            info[key] = metadata[field]
+    return info
+
+
+def export(model_spec: str, adapter_dir: str | Path, out: str | Path, fmt: str = "gguf",
+           outtype: str | None = None, force: bool = False, progress: bool = False,
+           tokenizer_pre: str | None = None) -> ExportResult:
+    """Export `adapter_dir` (on base `model_spec`) to the GGUF file `out`.
+
+    `fmt` is "gguf" (merged model) or "gguf-lora" (adapter file); `outtype` one of
+    `MODEL_OUTTYPES` / `LORA_OUTTYPES` (default f16 / f32, as llama.cpp's converters).
+    `force` loads the adapter onto a base other than the one it was trained on.
+    `tokenizer_pre` overrides llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`).
+    Cheap checks (format, type, output path, DoRA) run before the base model is loaded.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    outtype = outtype or DEFAULT_OUTTYPE[fmt]
+    allowed = MODEL_OUTTYPES if fmt == "gguf" else LORA_OUTTYPES
+    if outtype not in allowed:
+        why = " (llama.cpp LoRA files are kept in float; quantize the merged model instead)" \
+            if fmt == "gguf-lora" and outtype in MODEL_OUTTYPES else ""
+        raise ExportError(f"outtype {outtype!r} for format {fmt}: expected one of "
+                          f"{', '.join(allowed)}{why}")
+    out = Path(out).expanduser()
+    check_out_path(out)
+
+    from lorakit.adapters.io import load_adapter, read_adapter
+    from lorakit.models import load_base
+
+    files = read_adapter(adapter_dir)
+    if fmt == "gguf-lora":
+        from lorakit.adapters.gguf_lora import check_lora_exportable
+
+        check_lora_exportable(files)
+    model, tokenizer = load_base(model_spec, dtype=torch.float32, device="cpu")
+    check_architecture(model, str(model_spec))
+    # Loads onto the base: checks the base hash, every module and every shape before we write.
+    load_adapter(model, adapter_dir, force=force)
+    info = _source_gguf_info(model_spec)
+
+    if fmt == "gguf":
+        from lorakit.adapters.gguf_writer import write_model_gguf
+        from lorakit.lora import merge_and_unload
+
+        merge_and_unload(model, safe=True)
+        pre = tokenizer_pre or info.get("tokenizer_pre")
+        count = []
+        write_atomic(out, lambda tmp: count.append(write_model_gguf(
+            model, tokenizer, tmp, outtype, name=info["name"], tokenizer_pre=pre, progress=progress)))
+    else:
+        from lorakit.adapters.gguf_lora import write_lora_gguf
+
+        count = []
+        write_atomic(out, lambda tmp: count.append(write_lora_gguf(
+            files, model.config, tmp, outtype, name=f"{info['name']} LoRA {Path(adapter_dir).name}",
+            progress=progress)))
+    return ExportResult(path=out, bytes=out.stat().st_size, tensors=count[0], outtype=outtype)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write an adapter as GGUF for llama.cpp: merged into its base (gguf) or as a LoRA file (gguf-lora)."""
+    result = export(args.model, args.adapter, args.out, fmt=args.format, outtype=args.outtype,
+                    force=args.force, progress=True, tokenizer_pre=args.tokenizer_pre)
+    what = "merged model" if args.format == "gguf" else "LoRA adapter"
+    print(f"{what} written to {result.path} ({result.outtype}, {result.tensors} tensors, "
+          f"{_human(result.bytes)})")
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    """Add `export` to the main parser's subcommands (`sub`)."""
+    from lorakit.models import DEFAULT_MODEL
+
+    sp = sub.add_parser("export", help="write an adapter as GGUF for llama.cpp (merged or LoRA)",
+                        description=cmd_export.__doc__)
+    sp.add_argument("--model", default=DEFAULT_MODEL, help="base: bundled name, HF directory or .gguf file")
+    sp.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
+    sp.add_argument("--format", required=True, choices=FORMATS,
+                    help="gguf: base + adapter merged into one model file; "
+                         "gguf-lora: the adapter alone (llama.cpp --lora)")
+    sp.add_argument("--outtype", choices=MODEL_OUTTYPES, default=None,
+                    help="tensor type (default f16 for gguf, f32 for gguf-lora; q8_0 only for gguf)")
+    sp.add_argument("--out", required=True, help="output .gguf file (its folder must exist)")
+    sp.add_argument("--force", action="store_true", help="load the adapter onto a different base anyway")
+    sp.add_argument("--tokenizer-pre", default=None,
+                    help="llama.cpp pre-tokenizer name to write (default: from the base GGUF, or "
+                         "inferred from tokenizer.json)")
+    sp.set_defaults(fn=cmd_export)

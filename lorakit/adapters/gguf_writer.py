@@ -1,0 +1,201 @@
+"""A merged Llama model and its tokenizer as one GGUF model file, as llama.cpp's converter writes it.
+
+Follows `convert_hf_to_gguf.py` (`TextModel` / `LlamaModel`, `_set_vocab_gpt2`,
+`prepare_tensors`): hyperparameters under `llama.*`, a GPT-2-style byte-level BPE vocabulary under
+`tokenizer.ggml.*` with the chat template, tensors renamed by `gguf.get_tensor_name_map` with q/k
+rows permuted (`export_gguf.to_gguf_layout`), norms and other 1-D tensors kept in F32, q8_0 only
+for 2-D weights whose rows split into 32-element blocks (the rest fall back to F16, as the
+converter does), and no `output.weight` when the embeddings are tied. transformers' GGUF loader
+(`AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`) reads the result back; the tests
+compare its logits with ours.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorakit.adapters.export_gguf import (
+    ExportError,
+    gguf_tensor_name,
+    progress_bar,
+    tensor_name_map,
+    to_gguf_layout,
+)
+
+# llama.cpp's Llama 3 split regex (its `llama-bpe` pre-tokenizer), as Llama 3's tokenizer.json has it.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def file_type(outtype: str):
+    import gguf
+
+    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+
+
+def encode_tensor(gguf_name: str, data: np.ndarray, outtype: str):
+    """(array to write, raw ggml type or None) for one fp32 tensor, by the converter's rules."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType
+    # Norms and other vectors are tiny and precision-sensitive: llama.cpp keeps them in F32.
+    if data.ndim <= 1 or gguf_name.endswith("_norm.weight") or outtype == "f32":
+        return data.astype(np.float32), None
+    if outtype == "q8_0" and data.shape[-1] % 32 == 0:
+        return gguf.quants.quantize(data, qtype.Q8_0), qtype.Q8_0
+    if outtype == "bf16":
+        return gguf.quants.quantize(data, qtype.BF16), qtype.BF16
+    # f16, and q8_0's fallback for rows that do not split into 32-element blocks.
+    return data.astype(np.float16), None
+
+
+def write_hparams(writer, config) -> None:
+    """`llama.*` keys from the HF config (`TextModel.set_gguf_parameters` + `LlamaModel`'s)."""
+    n_head = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or n_head)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // n_head:
+        # llama.cpp otherwise assumes hidden_size / n_head per head.
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def _pre_tokenizer_steps(tok: dict) -> list[dict]:
+    pre = tok.get("pre_tokenizer")
+    if pre is None:
+        return []
+    return list(pre["pretokenizers"]) if pre.get("type") == "Sequence" else [pre]
+
+
+def infer_tokenizer_pre(tok: dict) -> str:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json, for the shapes we can recognise.
+
+    llama.cpp names pre-tokenizers by hashing a test string's tokens; we match the structure of
+    `pre_tokenizer` instead, for the shapes whose llama.cpp regex we know to be the same.
+    """
+    steps = _pre_tokenizer_steps(tok)
+    kinds = [s.get("type") for s in steps]
+
+    def byte_level(s, use_regex):
+        return s.get("type") == "ByteLevel" and s.get("use_regex", True) == use_regex \
+            and not s.get("add_prefix_space", False)
+
+    if kinds == ["ByteLevel"] and byte_level(steps[0], True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level(steps[1], True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and byte_level(steps[1], False) \
+            and (steps[0].get("pattern") or {}).get("Regex") == _LLAMA3_SPLIT:
+        return "llama-bpe"
+    raise ExportError(
+        f"tokenizer: pre-tokenizer {kinds or 'none'} has no known llama.cpp name (recognised: a "
+        "plain ByteLevel -> gpt-2, Digits + ByteLevel -> smollm, Llama 3's Split + ByteLevel -> "
+        "llama-bpe); pass the name llama.cpp uses with --tokenizer-pre")
+
+
+def write_tokenizer(writer, tokenizer, vocab_size: int, tokenizer_pre: str | None) -> None:
+    """`tokenizer.ggml.*` for a byte-level BPE tokenizer (`_set_vocab_gpt2` + `SpecialVocab`)."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError(f"tokenizer {type(tokenizer).__name__}: expected a fast tokenizer "
+                          "(tokenizer.json) to read the vocabulary and merges from")
+    tok = json.loads(backend.to_str())
+    model = tok.get("model") or {}
+    decoder = tok.get("decoder") or {}
+    if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
+        raise ExportError(
+            f"tokenizer: model {model.get('type')!r} with decoder {decoder.get('type')!r}; expected "
+            "a byte-level BPE (GPT-2 style, as SmolLM2 and Llama 3); sentencepiece vocabularies "
+            "are not exported yet")
+    pre = tokenizer_pre or infer_tokenizer_pre(tok)
+
+    vocab = tokenizer.get_vocab()  # token -> id, added tokens included
+    if vocab and max(vocab.values()) >= vocab_size:
+        raise ExportError(f"tokenizer has ids up to {max(vocab.values())} but the model's vocab_size "
+                          f"is {vocab_size} (expected every token id to have an embedding row)")
+    by_id = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            # Embedding rows past the tokenizer: llama.cpp's converter names them [PAD<id>].
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.USER_DEFINED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
+                          (tokenizer.eos_token_id, writer.add_eos_token_id),
+                          (tokenizer.unk_token_id, writer.add_unk_token_id),
+                          (tokenizer.pad_token_id, writer.add_pad_token_id)):
+        if token_id is not None:
+            add(token_id)
+    # Whether encoding adds BOS/EOS, read from what the tokenizer does rather than its config.
+    ids = tokenizer("a")["input_ids"]
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
+    writer.add_add_eos_token(tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id])
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = [{"name": k, "template": v} for k, v in template.items()]
+    if template:
+        writer.add_chat_template(template)
+
+
+def write_model_gguf(model, tokenizer, path: Path, outtype: str, name: str,
+                     tokenizer_pre: str | None = None, progress: bool = False) -> int:
+    """Write a (merged) LlamaForCausalLM and its tokenizer to `path`; return the tensor count."""
+    import gguf
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    write_hparams(writer, config)
+    writer.add_file_type(file_type(outtype))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    write_tokenizer(writer, tokenizer, config.vocab_size, tokenizer_pre)
+
+    names = tensor_name_map(config)
+    state = model.state_dict()
+    if getattr(config, "tie_word_embeddings", False):
+        # llama.cpp reads a missing output.weight as tied to token_embd (the converter skips it).
+        state.pop("lm_head.weight", None)
+    with progress_bar(progress, f"encoding {len(state)} tensors ({outtype})", len(state)) as advance:
+        for hf_name, tensor in state.items():
+            gguf_name = gguf_tensor_name(names, hf_name)
+            data = to_gguf_layout(hf_name, tensor.detach().to("cpu", torch.float32), config).numpy()
+            encoded, raw_dtype = encode_tensor(gguf_name, data, outtype)
+            writer.add_tensor(gguf_name, encoded, raw_dtype=raw_dtype)
+            advance()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return len(state)
