@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +35,7 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.io import (
-    CONFIG_NAME, HASH_KEY, NAME_KEY, WEIGHTS_NAME, AdapterFiles, _fsync_dir, _replace_dir, read_adapter,
+    CONFIG_NAME, HASH_KEY, NAME_KEY, AdapterFiles, read_adapter, write_adapter_files,
 )
 from lorakit.errors import AdapterError, ConfigError, MergeError
 from lorakit.lora.config import LoraConfig
@@ -246,31 +243,6 @@ def check_compatible(inputs: list[AdapterFiles]) -> None:
 
 
 # ---- writing -----------------------------------------------------------------------------------
-
-def write_adapter_files(tensors: dict[str, torch.Tensor], config: dict, metadata: dict[str, str],
-                        out_dir: str | Path) -> Path:
-    """Write an adapter directory from raw tensors, atomically (as io.save_adapter does)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
-                  metadata=metadata)
-        with open(tmp / CONFIG_NAME, "w") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
 
 @contextmanager
 def _module_progress(enabled: bool, description: str, total: int):

@@ -97,8 +97,6 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path,
     came from `lorakit.models.load_base`. A PiSSA adapter is written as a plain LoRA against the
     original base (see `lora_state_dict`) unless `pissa_as_lora` is False (checkpoints).
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     tensors = {k: v.detach().to("cpu").contiguous()
                for k, v in lora_state_dict(model, pissa_as_lora).items()}
@@ -123,10 +121,21 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path,
     if identity.get("name"):
         metadata[NAME_KEY] = str(identity["name"])
 
+    return write_adapter_files(tensors, config, metadata, out)
+
+
+def write_adapter_files(tensors: dict[str, torch.Tensor], config: dict, metadata: dict[str, str],
+                        out_dir: str | Path) -> Path:
+    """Write an adapter directory from raw tensors and a config dict, atomically: a temp dir
+    beside it, fsync, rename; an old directory is removed only after the new one is in place."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                  str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **metadata})
         with open(tmp / CONFIG_NAME, "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")

@@ -29,18 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lorakit.adapters.io import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, _fsync_dir,
-                                 _replace_dir)
+from lorakit.adapters.io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, write_adapter_files
 from lorakit.errors import AdapterError
 from lorakit.lora.config import LoraConfig
 
@@ -452,27 +448,6 @@ def normalize(raw: RawAdapter, max_rank: int | None = None):
     return tensors, config, errors
 
 
-def _write_adapter(out: Path, config: dict, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    """Write a PEFT adapter directory atomically (temp dir beside it, fsync, rename)."""
-    from safetensors.torch import save_file
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **metadata})
-        with open(tmp / CONFIG_NAME, "w") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def fix_adapter(adapter_dir: str | Path, out_dir: str | Path, targets: list[str] | None = None,
                 max_lora_rank: int | None = None,
                 peft_fields: set[str] | None = None) -> tuple[Report, FixResult]:
@@ -491,7 +466,7 @@ def fix_adapter(adapter_dir: str | Path, out_dir: str | Path, targets: list[str]
                                  "nothing written:\n" + "\n".join(
                                      f"  {f.target}: {f.key}: {f.action}" for f in unfixable))
     tensors, config, errors = normalize(raw, max_lora_rank)
-    _write_adapter(out, config, tensors, raw.metadata)
+    write_adapter_files(tensors, config, raw.metadata, out)
     after = check_adapter(out, report.targets, max_lora_rank, peft_fields)
     if after.blocking:
         raise AdapterError(f"{out}: the written adapter still has findings (a lorakit bug): "
