@@ -40,8 +40,9 @@ class CpuAdapter:
 
     name: str
     rank: int  # the largest module rank (rank_pattern may give modules their own)
-    # module -> (A (r, d_in), B (d_out, r), scaling): per module, as rank/alpha patterns say
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    # module -> (A (r, d_in), B (d_out, r), scaling, DoRA magnitude (d_out,) or None); scaling
+    # per module, as rank/alpha patterns say
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]
     nbytes: int
 
 
@@ -74,10 +75,6 @@ class AdapterCache:
                 f"{files.base_weights_sha256[:12]}), but this server serves "
                 f"{self.base_identity.get('name')!r} (weights {want[:12]})")
         cfg = files.config
-        if cfg.use_dora:
-            raise AdapterError(f"adapter {name!r} ({files.path}) is a DoRA adapter; the batched "
-                               "server runs plain LoRA (merge it with `lorakit merge` and serve "
-                               "the merged model, or train without use_dora)")
         r = max(cfg.r_for(module) for module in files.modules())
         if r > self.max_lora_rank:
             raise AdapterError(f"adapter {name!r} ({files.path}) has rank {r}, above this server's "
@@ -95,12 +92,13 @@ class AdapterCache:
                 problems.append(f"{PEFT_PREFIX}{module}: A {tuple(a.shape)}, B {tuple(b.shape)} "
                                 f"(expected A ({r}, {layer.in_features}), B ({layer.out_features}, {r}))")
                 continue
-            weights[module] = (a.contiguous(), b.contiguous(), cfg.scaling_for(module))
+            magnitude = files.tensors.get(f"{PEFT_PREFIX}{module}.lora_magnitude_vector")
+            weights[module] = (a.contiguous(), b.contiguous(), cfg.scaling_for(module), magnitude)
         if problems:
             raise AdapterError(f"adapter {name!r} ({files.path}) does not fit the served base:\n  "
                                + "\n  ".join(problems))
         nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                     for a, b, _ in weights.values())
+                     for a, b, _, _ in weights.values())
         return CpuAdapter(name, max(cfg.r_for(m) for m in files.modules()), weights, nbytes)
 
     def record(self, name: str) -> AdapterRecord:
@@ -158,8 +156,8 @@ class AdapterCache:
                 layer.reset_lora(slot)
         else:
             slot = self._free_slots.pop(0)
-        for module, (a, b, scaling) in adapter.weights.items():
-            self.layers[module].set_lora(slot, a, b, scaling)
+        for module, (a, b, scaling, magnitude) in adapter.weights.items():
+            self.layers[module].set_lora(slot, a, b, scaling, magnitude)
         self.slot_of[name] = slot
         if self.cpu.pinned(name):
             self.slots.pin(name)

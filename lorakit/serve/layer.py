@@ -16,6 +16,9 @@ reference, like vLLM's torch reference ops beside its Punica kernels):
         if slot[b] >= 0:
             y[b] += x[b] @ lora_a[slot[b]].T @ lora_b[slot[b]]      # (T, r) then (T, d_out)
 
+A DoRA adapter's slot also holds its per-row factor f = m / ||W + s B A|| (constant once the
+adapter is loaded), and its rows end as `f * (y - bias) + bias`: DoRA's output, merged or not.
+
 Three batched forms compute it, chosen per step by how many adapters the batch mixes:
 - every row on one slot: two skinny matmuls over the whole batch, no gather;
 - a few slots (<= `GROUPED_MAX_SLOTS`): rows grouped by slot, two skinny matmuls per group;
@@ -34,7 +37,7 @@ from torch import nn
 from lorakit.errors import AdapterError
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.inject import target_names
-from lorakit.lora.layer import linear_shape
+from lorakit.lora.layer import is_conv1d, linear_shape
 
 
 GROUPED_MAX_SLOTS = 2
@@ -51,6 +54,8 @@ class SlotBatch:
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         self.row_slots: list[int] = []
+        self.slots: list[int] = []  # distinct adapter slots in the batch
+        self.row_index = torch.zeros(0, dtype=torch.long)
         self.groups: list[tuple[int, torch.Tensor]] = []  # (slot, row indices) for slot >= 0
         self.uniform_slot: int | None = None  # set when every row uses the same adapter slot
         # Set when many slots mix (see the module docstring): the slot-major row layout.
@@ -62,6 +67,10 @@ class SlotBatch:
             dtype: torch.dtype = torch.float32) -> None:
         self.row_slots = list(row_slots)
         slots = sorted({s for s in row_slots if s >= 0})
+        self.slots = slots
+        # Row -> slot, with the base (-1) as index max_loras (a row of ones in a DoRA factor table).
+        self.row_index = torch.tensor([s if s >= 0 else self.max_loras for s in row_slots],
+                                      dtype=torch.long, device=device)
         self.uniform_slot = slots[0] if len(slots) == 1 and all(s == slots[0] for s in row_slots) \
             else None
         self.groups, self.rows_per_slot, self.slot_rows, self.slot_valid = [], 0, None, None
@@ -115,10 +124,18 @@ class MultiLoraLinear(nn.Module):
                              persistent=False)
         # Rank held by each slot (0 = empty): forward slices to it instead of multiplying padding.
         self.slot_rank = [0] * max_loras
+        # DoRA factors per slot, and a last row of ones for base rows; only read when a DoRA slot
+        # is in the batch.
+        self.register_buffer("dora_scale", torch.ones(max_loras + 1, self.out_features,
+                                                      dtype=dtype, device=weight.device),
+                             persistent=False)
+        self.slot_dora = [False] * max_loras
 
     @torch.no_grad()
-    def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
-        """Put one adapter's A (r, d_in) and B (d_out, r) into `slot`, with B pre-scaled."""
+    def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                 magnitude: torch.Tensor | None = None) -> None:
+        """Put one adapter's A (r, d_in) and B (d_out, r) into `slot`, with B pre-scaled; with a
+        DoRA `magnitude` (d_out,), also its factor m / ||W + s B A|| (fp32)."""
         r = lora_a.shape[0]
         if not 0 <= slot < self.max_loras:
             raise AdapterError(f"slot {slot} out of range (expected 0..{self.max_loras - 1})")
@@ -135,12 +152,23 @@ class MultiLoraLinear(nn.Module):
         # Scaling folded in fp32, then cast, so a bf16 stack holds the rounded product once.
         self.lora_b[slot, :r].copy_((lora_b.float() * scaling).T.to(self.lora_b.dtype))
         self.slot_rank[slot] = r
+        self.dora_scale[slot].fill_(1)
+        self.slot_dora[slot] = magnitude is not None
+        if magnitude is not None:
+            w = self.base.weight
+            w = w.get_original_weight() if hasattr(w, "get_original_weight") else w  # NF4
+            w = w.T if is_conv1d(self.base) else w  # (d_out, d_in)
+            w = w.float() + scaling * (lora_b.float().to(w.device) @ lora_a.float().to(w.device))
+            norm = torch.linalg.vector_norm(w, dim=1)  # (d_out,)
+            self.dora_scale[slot].copy_((magnitude.float().to(w.device) / norm).to(self.dora_scale.dtype))
 
     @torch.no_grad()
     def reset_lora(self, slot: int) -> None:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.slot_rank[slot] = 0
+        self.dora_scale[slot].fill_(1)
+        self.slot_dora[slot] = False
 
     def _delta(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         r = self.slot_rank[slot]
@@ -149,6 +177,15 @@ class MultiLoraLinear(nn.Module):
         return (x.to(a.dtype) @ a.T) @ b  # (..., r) then (..., d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._lora_forward(x)  # (B, T, d_out)
+        if not any(self.slot_dora[s] for s in self.batch.slots):
+            return out
+        # DoRA rows: f * (y - bias) + bias, f per row from its slot (ones for base and LoRA rows).
+        f = self.dora_scale.index_select(0, self.batch.row_index).unsqueeze(1).to(out.dtype)  # (B, 1, d_out)
+        bias = self.base.bias
+        return out * f if bias is None else (out - bias) * f + bias
+
+    def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)  # (B, T, d_out)
         batch = self.batch
         if batch.uniform_slot is not None:
@@ -185,6 +222,9 @@ def reference_forward(layer: MultiLoraLinear, x: torch.Tensor, row_slots: list[i
             a = layer.lora_a[slot].float()  # (max_rank, d_in)
             bb = layer.lora_b[slot].float()  # (max_rank, d_out)
             y = y + ((x[b].float() @ a.T) @ bb).to(y.dtype)
+            if layer.slot_dora[slot]:
+                bias = 0 if layer.base.bias is None else layer.base.bias
+                y = (y - bias) * layer.dora_scale[slot].to(y.dtype) + bias
         rows.append(y)
     return torch.stack(rows)
 

@@ -177,16 +177,32 @@ def test_per_module_rank_and_alpha_served_as_merged(llama, tokenizer, tmp_path):
     assert any(a.output_ids != b.output_ids for a, b in zip(reqs[::2], reqs[1::2]))
 
 
-def test_dora_adapter_refused_with_reason(llama, tokenizer, tmp_path):
+def test_dora_adapter_in_a_mixed_batch_equals_it_merged(llama, tokenizer, tmp_path):
+    """A DoRA slot (its factor m / ||W + sBA|| held per slot) beside a LoRA slot and the base."""
     import copy
 
-    from lorakit.adapters.io import read_adapter, save_adapter
-    from lorakit.lora import LoraConfig, inject
+    from lorakit.adapters.io import save_adapter
+    from lorakit.lora import LoraConfig, inject, lora_layers
+    from tests.lora.test_layer import randomize_b
 
-    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"])
+    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])
     model = copy.deepcopy(llama)
     inject(model, cfg)
-    path = save_adapter(model, cfg, tmp_path / "dora", base_identity={"name": "tiny-llama"})
-    _, cache, _ = served(llama, tokenizer, tmp_path)
-    with pytest.raises(AdapterError, match="DoRA adapter.*lorakit merge"):
-        cache.check(read_adapter(path), "dora")
+    randomize_b(model, seed=4, scale=0.6)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_magnitude_vector.mul_(1 + 0.5 * torch.rand(layer.out_features, generator=g))
+    dora = save_adapter(model, cfg, tmp_path / "dora", base_identity={"name": "tiny-llama"})
+    plain = make_adapter(llama, tmp_path / "plain", seed=21)
+    engine, _, registry = served(llama, tokenizer, tmp_path)
+    registry.add("dora", dora)
+    registry.add("plain", plain)
+    n = 8
+    names = [None, "dora", "plain"]
+    reqs = _run(engine, [engine.submit(Request(tokenizer(p)["input_ids"], a, _greedy(n)))
+                         for p in PROMPTS for a in names])
+    merged = {a: merged_model(llama, {"dora": dora, "plain": plain}.get(a)) for a in names}
+    for r in reqs:
+        assert r.output_ids == greedy_reference(merged[r.adapter], r.prompt_ids, n), r.adapter
+    assert any(a.output_ids != b.output_ids for a, b in zip(reqs[::3], reqs[1::3]))

@@ -93,3 +93,30 @@ def test_gpt2_conv1d_layers(gpt2):
     x = torch.randn(3, 2, 64)
     batch.set([1, -1, 1])
     torch.testing.assert_close(layer(x), reference_forward(layer, x, [1, -1, 1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [[-1, 0, 2, 1, 0, -1], [-1, 2, 2, 0, 0, -1], [1, 1, 1, 1, 1, 1]])
+def test_dora_slots_equal_their_dora_lora_linear(slots):
+    """Slot 1 holds a DoRA adapter: its rows equal a DoRA LoraLinear, in every batched form."""
+    layer, batch, adapters = _layer()
+    a, b, scaling = adapters[1]
+    r = a.shape[0]
+    ref = LoraLinear(layer.base, r, lora_alpha=scaling * r, use_dora=True)
+    with torch.no_grad():
+        ref.lora_A.weight.copy_(a)
+        ref.lora_B.weight.copy_(b)
+        ref.lora_magnitude_vector.mul_(1 + torch.rand(40))
+    layer.set_lora(1, a, b, scaling, magnitude=ref.lora_magnitude_vector.detach())
+    x = torch.randn(6, 5, 24)
+    batch.set(slots)
+    got = layer(x)
+    torch.testing.assert_close(got, reference_forward(layer, x, slots), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        want = ref(x)
+    for row, slot in enumerate(slots):
+        if slot == 1:
+            torch.testing.assert_close(got[row], want[row], rtol=1e-5, atol=1e-5)
+        elif slot < 0:
+            torch.testing.assert_close(got[row], layer.base(x)[row], rtol=0, atol=1e-6)
+    layer.reset_lora(1)
+    assert not layer.slot_dora[1] and float((layer.dora_scale[1] - 1).abs().max()) == 0.0
