@@ -49,6 +49,7 @@ class ServeConfig:
     api_key: str | None = None  # Bearer key for every route but /health; env LORAKIT_API_KEY
     dtype: str = "fp32"
     device: str = "cpu"
+    quantize_base: str | None = None  # nf4: base linear weights in 4-bit NF4 (QLoRA adapters)
     host: str = "127.0.0.1"
     port: int = 8000
     limits: Limits = field(default_factory=Limits)
@@ -66,6 +67,8 @@ def _problems(cfg: ServeConfig) -> list[str]:
         out.append(f"max_cpu_loras: got {cfg.max_cpu_loras} (expected >= max_loras = {cfg.max_loras})")
     if cfg.dtype not in DTYPES:
         out.append(f"dtype: got {cfg.dtype!r} (expected one of {', '.join(DTYPES)})")
+    if cfg.quantize_base not in (None, "nf4"):
+        out.append(f"quantize_base: got {cfg.quantize_base!r} (expected nf4 or null)")
     if not 0 <= cfg.port <= 65535:
         out.append(f"port: got {cfg.port} (expected 0-65535)")
     if cfg.api_key is not None and len(cfg.api_key) < 8:

@@ -197,5 +197,9 @@ def build_service(config: ServeConfig) -> Service:
 
     model, tokenizer = load_base(config.model, dtype=dtype_of(config.dtype),
                                  device=resolve_device(config.device))
+    if config.quantize_base == "nf4":  # the base QLoRA adapters were trained on
+        from lorakit.lora.quant import quantize_base_nf4
+
+        quantize_base_nf4(model)
     model.eval()
     return Service.from_model(model, tokenizer, config, base_name=config.model)

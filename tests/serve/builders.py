@@ -59,9 +59,13 @@ def greedy_reference(model, prompt_ids: list[int], n: int) -> list[int]:
 
 
 def served(base, tokenizer, root: Path, max_loras: int = 4, max_cpu_loras: int = 8,
-           max_lora_rank: int = 8, max_running: int = 64, targets=TARGETS, identity=None):
-    """(engine, cache, registry) around a copy of `base`, registry under `root`."""
+           max_lora_rank: int = 8, max_running: int = 64, targets=TARGETS, identity=None,
+           prepare=None):
+    """(engine, cache, registry) around a copy of `base` (passed to `prepare` first, e.g. to
+    quantize it), registry under `root`."""
     model = copy.deepcopy(base)
+    if prepare is not None:
+        prepare(model)
     if identity is not None:
         model.lorakit_identity = identity
     batch, layers = wrap_for_serving(model, list(targets), max_loras, max_lora_rank)

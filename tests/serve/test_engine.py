@@ -206,3 +206,26 @@ def test_dora_adapter_in_a_mixed_batch_equals_it_merged(llama, tokenizer, tmp_pa
     for r in reqs:
         assert r.output_ids == greedy_reference(merged[r.adapter], r.prompt_ids, n), r.adapter
     assert any(a.output_ids != b.output_ids for a, b in zip(reqs[::3], reqs[1::3]))
+
+
+def test_nf4_base_serves_qlora_adapters_as_lora_on_that_base(llama, tokenizer, tmp_path):
+    """`quantize_base: nf4`: the server's NF4 base plus slots answers as LoraLinear on that base."""
+    import copy
+
+    from lorakit.adapters.io import load_adapter
+    from lorakit.lora.quant import quantize_base_nf4
+
+    pytest.importorskip("torchao")
+    path = make_adapter(llama, tmp_path / "q", seed=30)
+    # torchao's NF4Tensor does not survive deepcopy with a second-level block other than 256,
+    # so each model is copied first and quantized after.
+    engine, _, registry = served(llama, tokenizer, tmp_path, prepare=quantize_base_nf4)
+    registry.add("q", path)
+    reference = copy.deepcopy(llama)
+    quantize_base_nf4(reference)
+    load_adapter(reference, path)
+    n = 8
+    reqs = _run(engine, [engine.submit(Request(tokenizer(p)["input_ids"], "q", _greedy(n)))
+                         for p in PROMPTS])
+    for r in reqs:
+        assert r.output_ids == greedy_reference(reference.eval(), r.prompt_ids, n)
