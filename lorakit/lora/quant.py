@@ -9,8 +9,8 @@ the base model's modules stay the ones transformers built and LoRA wraps them un
 
 Storage per weight: 4 bits + 8 bits per 64 + 16 bits per 64 x 256, about 4.13 bits (0.26x bf16).
 torchao requires the number of blocks to be a multiple of the second-level block; for weights
-where 256 does not divide it (SmolLM2's 576 x 576 has 5,184 blocks) we use the largest divisor
-of the block count that is <= 256 and report it: the cost is a few more 16-bit factors.
+where 256 does not divide it (SmolLM2's 576 x 576 has 5,184 blocks: 216 is used) we use the
+largest divisor of the block count that is <= 256 and report it: a few more 16-bit factors.
 """
 
 from __future__ import annotations
