@@ -241,21 +241,15 @@ def export(model_spec: str, adapter_dir: str | Path, out: str | Path, fmt: str =
     return ExportResult(path=out, bytes=out.stat().st_size, tensors=count[0], outtype=outtype)
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     """Write an adapter as GGUF for llama.cpp: merged into its base (gguf) or as a LoRA file (gguf-lora)."""
+    from lorakit.units import human_bytes
+
     result = export(args.model, args.adapter, args.out, fmt=args.format, outtype=args.outtype,
                     force=args.force, progress=True, tokenizer_pre=args.tokenizer_pre)
     what = "merged model" if args.format == "gguf" else "LoRA adapter"
     print(f"{what} written to {result.path} ({result.outtype}, {result.tensors} tensors, "
-          f"{_human(result.bytes)})")
+          f"{human_bytes(result.bytes)})")
     return 0
 
 

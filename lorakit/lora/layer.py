@@ -87,9 +87,8 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def _weight_norm(self) -> torch.Tensor:
         """||W + s B A|| over each output row, fp32, shape (d_out,); a constant for autograd."""
-        lora_dtype = self.lora_A.weight.dtype
-        w = self.base_weight().float() + self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
-        return torch.linalg.vector_norm(w, dim=1).to(lora_dtype)
+        w = self.base_weight().float() + self._delta()
+        return torch.linalg.vector_norm(w, dim=1).to(self.lora_A.weight.dtype)
 
     def reset_lora_parameters(self) -> None:
         """A Kaiming-uniform (a = sqrt(5), as nn.Linear and PEFT), B zero."""
@@ -120,10 +119,14 @@ class LoraLinear(nn.Module):
             base_x = F.linear(lora_x, self.base_weight().to(dtype))
         return result + ((f - 1) * base_x.to(dtype) + f * update).to(result.dtype)
 
+    def _delta(self) -> torch.Tensor:
+        """scaling * B A in fp32, (d_out, d_in), on the base weight's device."""
+        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        return delta.to(self.base.weight.device)
+
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A in fp32, in the base weight's layout ((d_in, d_out) for Conv1D)."""
-        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # (d_out, d_in)
-        return delta.T if self.fan_in_fan_out else delta
+        return self._delta().T if self.fan_in_fan_out else self._delta()
 
     def _set_base_weight(self, weight: torch.Tensor) -> None:
         """Replace the base weight from a (d_out, d_in) fp32 matrix, keeping its type and dtype."""
@@ -135,14 +138,14 @@ class LoraLinear(nn.Module):
         old.copy_((weight.T if self.fan_in_fan_out else weight).to(old.dtype))
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """The merged weight in fp32, (d_out, d_in): W + s B A, or f (W + s B A) with DoRA."""
-        w = self.base_weight().float()
-        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
-        w = w + delta.to(w.device)  # (d_out, d_in)
-        if self.use_dora:
-            w = (self.lora_magnitude_vector.float() / torch.linalg.vector_norm(w, dim=1)).view(-1, 1) * w
-        return w
+    def _merged(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(merged weight (d_out, d_in) fp32, DoRA factor f (d_out,) or None): W + s B A, or
+        f (W + s B A) with f = m / ||W + s B A||."""
+        w = self.base_weight().float() + self._delta()
+        if not self.use_dora:
+            return w, None
+        f = self.lora_magnitude_vector.float() / torch.linalg.vector_norm(w, dim=1)
+        return f.view(-1, 1) * w, f
 
     @torch.no_grad()
     def merge(self, safe: bool = False) -> None:
@@ -150,13 +153,12 @@ class LoraLinear(nn.Module):
         non-finite results."""
         if self.merged:
             return
-        merged = self.merged_weight()
+        merged, factor = self._merged()
         if safe and not torch.isfinite(merged.to(self.base.weight.dtype)).all():
             raise MergeError(f"merging this LoRA layer ({self.out_features}x{self.in_features}, "
                              f"r={self.r}) gives non-finite weights; the adapter or base holds NaN/inf "
                              "or overflows the base dtype")
-        if self.use_dora:
-            self.dora_factor = self.lora_magnitude_vector.float() / self._weight_norm().float()
+        self.dora_factor = factor
         self._set_base_weight(merged)
         self.merged = True
 
@@ -166,11 +168,10 @@ class LoraLinear(nn.Module):
         if not self.merged:
             return
         w = self.base_weight().float()
-        if self.use_dora:
+        if self.dora_factor is not None:
             w = w / self.dora_factor.view(-1, 1)
             self.dora_factor = None
-        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
-        self._set_base_weight(w - delta.to(w.device))
+        self._set_base_weight(w - self._delta())
         self.merged = False
 
     @torch.no_grad()

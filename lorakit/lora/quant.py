@@ -116,7 +116,8 @@ def quantize_base_nf4(model: nn.Module, block_size: int = BLOCK_SIZE,
         report.scaler_blocks[q.scaler_block_size] = report.scaler_blocks.get(q.scaler_block_size, 0) + 1
         module.weight = nn.Parameter(q, requires_grad=False)
     if not report.modules:
-        raise LorakitError(f"{type(model).__name__}: no linear layers to quantize")
+        raise LorakitError(f"{type(model).__name__}: no nn.Linear layers to quantize (NF4 covers "
+                           "nn.Linear bases such as Llama; GPT-2's Conv1D layers are not supported)")
     return report
 
 

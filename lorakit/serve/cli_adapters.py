@@ -17,6 +17,7 @@ from pathlib import Path
 from lorakit.adapters.io import read_adapter
 from lorakit.errors import AdapterError
 from lorakit.serve.registry import AdapterRecord, AdapterRegistry, check_name
+from lorakit.units import human_bytes
 
 
 def _check_against_base(path: Path, base: str) -> None:
@@ -62,20 +63,12 @@ def remove_adapter(name: str, registry: AdapterRegistry | None = None) -> None:
         raise AdapterError(f"adapter {name!r} is not registered (see `lorakit adapters list`)")
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def cmd_adapters_add(args: argparse.Namespace) -> int:
     """Register an adapter directory under a name (checked before it is recorded)."""
     rec = add_adapter(args.name, args.path, replace=args.replace, base=args.base,
                       eval_results=args.eval_results)
     print(f"registered {rec.name}: {rec.path} (r={rec.rank}, base={rec.base_model}, "
-          f"{_human(rec.size_bytes)})")
+          f"{human_bytes(rec.size_bytes)})")
     return 0
 
 
@@ -97,7 +90,7 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
         evals = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in (r.eval_results or {}).items()
                           if isinstance(v, (int, float, str))) or "-"
-        table.add_row(r.name, str(r.base_model), str(r.rank), targets, _human(r.size_bytes),
+        table.add_row(r.name, str(r.base_model), str(r.rank), targets, human_bytes(r.size_bytes),
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), evals,
                       "yes" if r.pinned else "", r.path)
     Console().print(table)

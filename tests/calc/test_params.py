@@ -97,10 +97,20 @@ def test_lora_dora_qlora_counts_equal_injected_model(kind, targets):
     # DoRA: the same A and B plus one magnitude per output feature of each adapted module.
     dora = count_parameters(shape, "dora", 4, target_modules)
     assert dora.trainable == trainable + sum(layer.out_features for _, layer in lora_layers(model))
-    # QLoRA trains what LoRA trains; bitsandbytes quantizes every linear weight but the head's.
+    dora_model = _tiny(kind)
+    inject(dora_model, LoraConfig(r=4, target_modules=target_modules, use_dora=True))
+    assert dora.trainable == sum(p.numel() for p in dora_model.parameters() if p.requires_grad)
+    # QLoRA trains what LoRA trains; every linear weight but the head's is quantized (bitsandbytes
+    # and lorakit's NF4 base alike).
     qlora = count_parameters(shape, "qlora", 4, target_modules)
     assert qlora.trainable == trainable
     assert qlora.quantized == linear_weights
+    if not kind.startswith("gpt2"):  # Conv1D weights are not nn.Linear: lorakit leaves them
+        from lorakit.lora.quant import quantize_base_nf4
+
+        nf4_model = _tiny(kind)
+        report = quantize_base_nf4(nf4_model)
+        assert qlora.quantized == sum(nf4_model.get_submodule(m).weight.numel() for m in report.modules)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")

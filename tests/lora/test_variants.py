@@ -297,3 +297,35 @@ def test_pure_merged_state_dict_equals_layer_merge(make, kw, tmp_path):
     for name, layer in lora_layers(base):
         torch.testing.assert_close(pure[f"{name}.weight"], layer.base.weight, atol=1e-6, rtol=0)
         assert not torch.allclose(pure[f"{name}.weight"], state[f"{name}.weight"], atol=1e-4)
+
+
+@pytest.mark.parametrize("lora", [{"init_lora_weights": "pissa"}, {"use_dora": True}])
+def test_variant_resume_is_bitwise_identical(lora, tmp_path):
+    """PiSSA checkpoints keep the raw A, B (the residual base is recomputed on resume) and DoRA
+    checkpoints carry the magnitudes; with LoRA+ groups, a resumed run equals an uninterrupted one
+    and writes the same final adapter (PiSSA: as its rank-2r LoRA)."""
+    from safetensors.torch import load_file
+
+    from lorakit.lora.config import LoraConfig as _Cfg
+    from lorakit.train.loop import train
+    from tests.train.test_loop import config, leave_as_crashed_after
+
+    kw = dict(max_steps=6, save_every=3, keep_checkpoints=5, loraplus_lr_ratio=4.0)
+    runs = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        cfg = config(tmp_path / name, **kw)
+        cfg.lora = _Cfg(**{**vars(cfg.lora), "lora_dropout": 0.0, **lora})
+        runs[name] = (cfg, train(cfg, model=tiny.tiny_llama(), tokenizer=tiny.tiny_tokenizer(),
+                                 progress=False))
+    cfg_b, _ = runs["b"]
+    leave_as_crashed_after(tmp_path / "b" / "run", step=3, output="adapter")
+    resumed = train(cfg_b, resume=True, model=tiny.tiny_llama(), tokenizer=tiny.tiny_tokenizer(),
+                    progress=False)
+    a = load_file(str(runs["a"][1].adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    if "init_lora_weights" in lora:
+        assert read_adapter(resumed.adapter_dir).config.r == 8  # written as a rank-2r LoRA

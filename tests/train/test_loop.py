@@ -58,6 +58,15 @@ def test_loss_goes_down_and_base_weights_stay_bit_identical(tmp_path):
     assert (tmp_path / "run" / "config.yaml").exists()
 
 
+def leave_as_crashed_after(run_dir, step: int, output: str) -> None:
+    """Make a finished run look as a crash right after `step` would leave it: later checkpoints
+    and the final `output` folder (adapter or model) gone."""
+    for ckpt in (run_dir / "checkpoints").iterdir():
+        if ckpt.name != f"step-{step:08d}":
+            shutil.rmtree(ckpt)
+    shutil.rmtree(run_dir / output)
+
+
 def test_resume_mid_epoch_with_accumulation_is_bitwise_identical(tmp_path):
     from safetensors.torch import load_file
 
@@ -68,12 +77,8 @@ def test_resume_mid_epoch_with_accumulation_is_bitwise_identical(tmp_path):
     (tmp_path / "b").mkdir()
     cfg_b = config(tmp_path / "b", **kw)
     train(cfg_b, model=tiny.tiny_llama(), tokenizer=tiny.tiny_tokenizer(), progress=False)
-    # Leave run b as a crash after step 3 would: later checkpoints and the final adapter gone.
     run_b = tmp_path / "b" / "run"
-    for ckpt in (run_b / "checkpoints").iterdir():
-        if ckpt.name != "step-00000003":
-            shutil.rmtree(ckpt)
-    shutil.rmtree(run_b / "adapter")
+    leave_as_crashed_after(run_b, step=3, output="adapter")
     resumed = train(cfg_b, resume=True, model=tiny.tiny_llama(), tokenizer=tiny.tiny_tokenizer(),
                     progress=False)
     a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))

@@ -1,7 +1,6 @@
 """The full and freeze baselines on tiny models: what changes, what is saved, exact resume, eval."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from lorakit.errors import ConfigError
 from lorakit.train.loop import train
 from lorakit.train.methods import TRAINABLE_DIR, TRAINABLE_FILE, decoder_blocks
 from tests import tiny
+from tests.train.test_loop import leave_as_crashed_after
 from tests.train.test_loop import config
 
 
@@ -84,11 +84,7 @@ def test_resume_of_a_freeze_run_is_bitwise_identical(tmp_path):
     saved = load_file(str(run_b / "checkpoints" / "step-00000003" / TRAINABLE_DIR / TRAINABLE_FILE))
     assert sorted(saved) == sorted(n for n, _ in tiny.tiny_llama().named_parameters()
                                    if n.startswith("model.layers.1."))
-    # Leave run b as a crash after step 3 would: later checkpoints and the final model gone.
-    for ckpt in (run_b / "checkpoints").iterdir():
-        if ckpt.name != "step-00000003":
-            shutil.rmtree(ckpt)
-    shutil.rmtree(run_b / "model")
+    leave_as_crashed_after(run_b, step=3, output="model")
     resumed = train(cfg_b, resume=True, model=tiny.tiny_llama(), tokenizer=tiny.tiny_tokenizer(),
                     progress=False)
     a = load_file(str(full.adapter_dir / "model.safetensors"))
