@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/serve_throughput.py [--tokens 32] [--requests 64]
 
-On the bundled SmolLM2-135M-Instruct (`lorakit.models.load_base`, fp32, CPU), with 16 LoRA
+On the bundled SmolLM2-135M-Instruct (`lorakit.models.load_base`, fp32 or `--dtype bf16`, CPU), with 16 LoRA
 adapters (r=16, alpha=32, q_proj and v_proj, random non-zero B) built here, the same chat
 prompts are answered by four systems, each at concurrency 1 and 32:
 
@@ -142,6 +142,8 @@ def main() -> int:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds per concurrency")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="base weights and compute for every system (PEFT included)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_throughput.json"))
     args = ap.parse_args()
 
@@ -154,7 +156,9 @@ def main() -> int:
     from lorakit.serve.registry import AdapterRegistry
 
     torch.manual_seed(0)
-    base, tokenizer = load_base(MODEL, dtype=torch.float32, device="cpu")
+    from lorakit.device import dtype_of
+
+    base, tokenizer = load_base(MODEL, dtype=dtype_of(args.dtype), device="cpu")
     tmp = Path(tempfile.mkdtemp(prefix="lorakit-serve-bench-"))
     dirs = build_adapters(base, tmp, args.adapters, args.r)
     names = [d.name for d in dirs]
@@ -174,7 +178,8 @@ def main() -> int:
                          args.r, tmp)
     engine_lora = Engine(served, tokenizer, batch, cache, max_running=64)
 
-    results: dict = {"model": MODEL, "tokens_per_request": args.tokens, "adapters": args.adapters,
+    results: dict = {"model": MODEL, "dtype": args.dtype, "tokens_per_request": args.tokens,
+                     "adapters": args.adapters,
                      "r": args.r, "torch_threads": torch.get_num_threads(), "runs": {}}
     systems = {"merged": (engine_a, lambda i: None), "single": (engine_lora, lambda i: names[0]),
                "mixed16": (engine_lora, lambda i: names[i % len(names)])}
