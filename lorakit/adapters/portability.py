@@ -336,11 +336,14 @@ def _runtime_features(raw: RawAdapter, target: str) -> list[Finding]:
 
 def installed_peft_fields() -> tuple[set[str] | None, str | None]:
     """The keyword fields of the installed PEFT's LoraConfig and its version, or (None, None)."""
-    try:
-        import inspect
+    import inspect
 
-        import peft
-        from peft import LoraConfig as PeftLoraConfig
+    from lorakit.lora.quant import quiet_torchao
+
+    try:
+        with quiet_torchao():  # PEFT imports torchao when it is installed
+            import peft
+            from peft import LoraConfig as PeftLoraConfig
     except ImportError:
         return None, None
     return set(inspect.signature(PeftLoraConfig.__init__).parameters) - {"self"}, peft.__version__

@@ -16,6 +16,7 @@ largest divisor of the block count that is <= 256 and report it: a few more 16-b
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -30,17 +31,28 @@ NF4_LEVELS = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0
               0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0)
 
 
-def _torchao_nf4():
-    """torchao's NF4 module, imported quietly (it logs about CUDA-only kernels on CPU)."""
-    log = logging.getLogger("torchao")
-    level = log.level
-    log.setLevel(logging.ERROR)
+@contextmanager
+def quiet_torchao():
+    """Import torchao (directly, or through PEFT or transformers) without its log lines: on a
+    CPU build it warns about every CUDA-only kernel it cannot load, and torch about its enums."""
+    logs = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
-        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
-    except ImportError as e:
-        raise LorakitError(f"quantize_base: nf4 needs torchao (pip install torchao): {e}") from None
+        yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+
+
+def _torchao_nf4():
+    """torchao's NF4 module, imported quietly."""
+    with quiet_torchao():
+        try:
+            from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+        except ImportError as e:
+            raise LorakitError(f"quantize_base: nf4 needs torchao (pip install torchao): {e}") from None
     return nf4_tensor
 
 

@@ -218,8 +218,10 @@ def _convert_into(gguf_path: Path, out: Path, arch: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     folder, name = str(gguf_path.parent), gguf_path.name
+    from lorakit.lora.quant import quiet_torchao
+
     try:
-        with FROM_PRETRAINED_LOCK:
+        with FROM_PRETRAINED_LOCK, quiet_torchao():
             model = AutoModelForCausalLM.from_pretrained(
                 folder, gguf_file=name, dtype=torch.float32,
                 # dequantize=True gives plain nn.Linear weights and drops the quantizer, which is

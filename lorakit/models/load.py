@@ -139,7 +139,10 @@ def _load_hf_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
     try:
         # ignore_mismatched_sizes only turns transformers' "see the report above" error into
         # data we can name in one line; a mismatch is still an error below.
-        with FROM_PRETRAINED_LOCK:
+        from lorakit.lora.quant import quiet_torchao
+
+        # transformers imports torchao when it is installed (lorakit's NF4 base needs it).
+        with FROM_PRETRAINED_LOCK, quiet_torchao():
             model, info = AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError, RuntimeError) as e:
