@@ -176,18 +176,6 @@ def check_options(method: str, n_adapters: int, weights: list[float], density: f
         raise ConfigError("combine: bad options:\n  " + "\n  ".join(problems))
 
 
-def _refuse_dora(adapter_dir: Path) -> None:
-    """Refuse a DoRA adapter before reading its tensors (read_adapter reports other problems)."""
-    try:
-        raw = json.loads((adapter_dir / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(raw, dict) and raw.get("use_dora") is True:
-        raise AdapterError(
-            f"{adapter_dir / CONFIG_NAME}: use_dora is true; DoRA adapters cannot be combined (a "
-            "combination of their magnitude vectors is not defined). Merge it into its base instead")
-
-
 def _describe_base(files: AdapterFiles) -> str:
     sha = files.base_weights_sha256
     return f"{files.base_model!r}" + (f" (weights {sha[:12]})" if sha else "")
@@ -211,6 +199,10 @@ def _shapes(files: AdapterFiles) -> dict[str, tuple[int, int]]:
 def check_compatible(inputs: list[AdapterFiles]) -> None:
     """Same base, same modules with the same shapes, same layout, plain-LoRA initialisation."""
     for f in inputs:
+        if f.config.use_dora:
+            raise AdapterError(
+                f"{f.path / CONFIG_NAME}: use_dora is true; DoRA adapters cannot be combined (a "
+                "combination of their magnitude vectors is not defined). Merge it into its base instead")
         if f.config.init_lora_weights is not True:
             raise AdapterError(
                 f"{f.path / CONFIG_NAME}: init_lora_weights is {f.config.init_lora_weights!r}; such "
@@ -271,8 +263,6 @@ def combine_adapters(adapter_dirs: list[str | Path], weights: list[float], metho
     out = Path(out_dir)
     if any(out.resolve() == p.resolve() for p in paths):
         raise ConfigError(f"--out: {out} is one of the input adapters (expected a new directory)")
-    for p in paths:
-        _refuse_dora(p)
     inputs = [read_adapter(p) for p in paths]
     check_compatible(inputs)
 

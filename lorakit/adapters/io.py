@@ -150,10 +150,10 @@ def write_adapter_files(tensors: dict[str, torch.Tensor], config: dict, metadata
     return out
 
 
-def read_adapter(adapter_dir: str | Path) -> AdapterFiles:
-    """Read and check an adapter directory on its own: files, config, key names, values."""
-    from safetensors import safe_open
-
+def read_adapter_json(adapter_dir: str | Path) -> tuple[dict, Path, Path]:
+    """(adapter_config.json as a dict, its path, the weights path) of an adapter directory, after
+    the checks every reader needs: the folder and both files exist, no pickled weights, the config
+    is a JSON object. What the config and tensors hold is left to the caller."""
     path = Path(adapter_dir)
     if not path.exists():
         raise AdapterError(f"{path}: no such adapter directory")
@@ -178,6 +178,15 @@ def read_adapter(adapter_dir: str | Path) -> AdapterFiles:
         raise AdapterError(f"{cfg_path}: not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{cfg_path}: expected a JSON object")
+    return raw, cfg_path, weights_path
+
+
+def read_adapter(adapter_dir: str | Path) -> AdapterFiles:
+    """Read and check an adapter directory on its own: files, config, key names, values."""
+    from safetensors import safe_open
+
+    path = Path(adapter_dir)
+    raw, cfg_path, weights_path = read_adapter_json(path)
     cfg = LoraConfig.from_peft_dict(raw, str(cfg_path))
 
     try:

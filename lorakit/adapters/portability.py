@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lorakit.adapters.io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, write_adapter_files
+from lorakit.adapters.io import WEIGHTS_NAME, read_adapter_json, write_adapter_files
 from lorakit.errors import AdapterError
 from lorakit.lora.config import LoraConfig
 
@@ -138,22 +138,7 @@ def read_raw(adapter_dir: str | Path) -> RawAdapter:
     from safetensors import safe_open
 
     path = Path(adapter_dir)
-    if not path.is_dir():
-        raise AdapterError(f"{path}: {'not a directory' if path.exists() else 'no such adapter directory'} "
-                           f"(expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
-    cfg_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not weights_path.exists() and (path / PICKLE_NAME).exists():
-        raise AdapterError(f"{path / PICKLE_NAME}: pickled weights are not read (loading a pickle can "
-                           f"run code); convert it to {WEIGHTS_NAME} first")
-    for p in (cfg_path, weights_path):
-        if not p.exists():
-            raise AdapterError(f"{p}: missing (an adapter directory needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{cfg_path}: expected a JSON object")
+    config, cfg_path, weights_path = read_adapter_json(path)
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type {config['peft_type']!r} (expected 'LORA'; only "
                            "LoRA adapters are checked)")

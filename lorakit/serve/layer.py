@@ -55,7 +55,8 @@ class SlotBatch:
         self.max_lora_rank = max_lora_rank
         self.row_slots: list[int] = []
         self.slots: list[int] = []  # distinct adapter slots in the batch
-        self.row_index = torch.zeros(0, dtype=torch.long)
+        self.device: torch.device | str = "cpu"
+        self._row_index: torch.Tensor | None = None
         self.groups: list[tuple[int, torch.Tensor]] = []  # (slot, row indices) for slot >= 0
         self.uniform_slot: int | None = None  # set when every row uses the same adapter slot
         # Set when many slots mix (see the module docstring): the slot-major row layout.
@@ -68,9 +69,8 @@ class SlotBatch:
         self.row_slots = list(row_slots)
         slots = sorted({s for s in row_slots if s >= 0})
         self.slots = slots
-        # Row -> slot, with the base (-1) as index max_loras (a row of ones in a DoRA factor table).
-        self.row_index = torch.tensor([s if s >= 0 else self.max_loras for s in row_slots],
-                                      dtype=torch.long, device=device)
+        self.device = device
+        self._row_index = None  # built on first use (only DoRA slots need it)
         self.uniform_slot = slots[0] if len(slots) == 1 and all(s == slots[0] for s in row_slots) \
             else None
         self.groups, self.rows_per_slot, self.slot_rows, self.slot_valid = [], 0, None, None
@@ -94,6 +94,14 @@ class SlotBatch:
         self.rows_per_slot = rows_per_slot
         self.slot_rows = index.flatten().to(device)  # (S * R,)
         self.slot_valid = valid.to(device)  # (S, R, 1, 1)
+
+    def row_index(self) -> torch.Tensor:
+        """(B,) row -> slot, the base (-1) as index max_loras (a row of ones in a DoRA factor
+        table); built once per batch, on the first layer that needs it."""
+        if self._row_index is None:
+            self._row_index = torch.tensor([s if s >= 0 else self.max_loras for s in self.row_slots],
+                                           dtype=torch.long, device=self.device)
+        return self._row_index
 
     def clear(self) -> None:
         self.set([])
@@ -181,7 +189,7 @@ class MultiLoraLinear(nn.Module):
         if not any(self.slot_dora[s] for s in self.batch.slots):
             return out
         # DoRA rows: f * (y - bias) + bias, f per row from its slot (ones for base and LoRA rows).
-        f = self.dora_scale.index_select(0, self.batch.row_index).unsqueeze(1).to(out.dtype)  # (B, 1, d_out)
+        f = self.dora_scale.index_select(0, self.batch.row_index()).unsqueeze(1).to(out.dtype)  # (B, 1, d_out)
         bias = self.base.bias
         return out * f if bias is None else (out - bias) * f + bias
 
