@@ -82,7 +82,8 @@ def long_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- systems
-def run_lorakit(rows_path: str, steps: int, batch: int, r: int, out_dir: str) -> dict:
+def run_lorakit(rows_path: str, steps: int, batch: int, r: int, out_dir: str,
+                overrides: list[str] = ()) -> dict:
     from lorakit.config import build_config
     from lorakit.train.loop import train
 
@@ -93,7 +94,7 @@ def run_lorakit(rows_path: str, steps: int, batch: int, r: int, out_dir: str) ->
         "train": {"output_dir": out_dir, "max_steps": steps, "batch_size": batch, "lr": 2e-4,
                   "warmup_ratio": 0.0, "shuffle": False, "group_by_length": False,
                   "save_every": 0, "keep_checkpoints": 1},
-    })
+    }, list(overrides))
     train(cfg, progress=False)
     rows = [json.loads(x) for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [x for x in rows if "loss" in x]
@@ -178,7 +179,7 @@ def block_linear_params() -> int:
 def child(args) -> None:
     out = tempfile.mkdtemp(prefix="bench-")
     if args.system == "lorakit":
-        res = run_lorakit(args.rows, args.steps, args.batch, args.r, out)
+        res = run_lorakit(args.rows, args.steps, args.batch, args.r, out, args.set)
     else:
         res = run_peer(args.rows, args.steps, args.batch, args.r, out, bf16=args.system == "peer-bf16")
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -188,6 +189,7 @@ def child(args) -> None:
 def spawn(system: str, rows_path: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", "--system", system, "--rows", rows_path,
            "--steps", str(args.steps), "--batch", str(args.batch), "--r", str(args.r)]
+    cmd += [f"--set={o}" for o in args.set]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
@@ -204,6 +206,8 @@ def main() -> None:
     p.add_argument("--data", nargs="*", default=["short", "long"])
     p.add_argument("--systems", nargs="*", default=["lorakit", "peer-fp32", "peer-bf16"])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a config override for lorakit's run (repeatable), e.g. train.padding_free=false")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--system", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)

@@ -75,6 +75,8 @@ class TrainSection:
     seed: int = 0
     shuffle: bool = True  # a seeded new order each epoch; false keeps the file's order
     group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
+    padding_free: bool = True  # micro-batches packed into one row, attention kept per example
+    lean_activations: bool = True  # RMSNorm/SwiGLU keep only their inputs for backward (less memory)
     loss_on_supervised_only: bool = True  # output head only where labels are set (same loss, less work)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     # Speed switches that change numerics slightly (the defaults are the fast ones):

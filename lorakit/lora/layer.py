@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import MergeError
+from lorakit.lora.fused import LoraLinearFunction
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -95,14 +96,24 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    def _fusable(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Plain LoRA over an ordinary frozen `nn.Linear`, all in one dtype: the fused function."""
+        weight = self.base.weight
+        return (not self.use_dora and type(self.base) is nn.Linear and type(weight) is nn.Parameter
+                and not weight.requires_grad and weight.dtype == dtype == x.dtype
+                and (isinstance(self.lora_dropout, nn.Identity) or not self.training))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
         if self.merged or self.disabled:
-            return result
+            return self.base(x)
+        dtype = self.compute_dtype or self.lora_A.weight.dtype
+        if self._fusable(x, dtype):
+            return LoraLinearFunction.apply(x, self.base.weight, self.base.bias, self.lora_A.weight,
+                                            self.lora_B.weight, self.scaling)
+        result = self.base(x)
         # Compute in `compute_dtype` (None: the adapter's own dtype). Training over a bf16 base sets
         # it to bf16, as autocast would: the fp32 weights are cast (r x d, cheap) instead of every
         # activation, and their gradients still arrive in fp32.
-        dtype = self.compute_dtype or self.lora_A.weight.dtype
         lora_x = self.lora_dropout(x).to(dtype)
         # scaling * B (A x), with the scaling applied on the rank-r side where it is cheapest.
         h = F.linear(lora_x, self.lora_A.weight.to(dtype)) * self.scaling  # (..., r)

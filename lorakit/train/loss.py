@@ -64,3 +64,20 @@ def causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    use_cache=False).logits[:, :-1][mask]  # (N, V)
     return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), n_tokens
+
+
+def packed_loss_sum(model: nn.Module, batch, supervised_only: bool = True,
+                    chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, int]:
+    """`causal_lm_loss_sum` for a `lorakit.train.packing.PackedBatch` (padding-free row).
+
+    The model must be in `packed_attention_mode`; the targets are already shifted per example."""
+    mask = batch.targets != -100
+    n_tokens = int(mask.sum())
+    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False,
+              "lorakit_packing": batch.info}
+    if supervised_only and _head_is_plain(model):
+        hidden = model.base_model(**inputs).last_hidden_state[0]  # (N, H)
+        return chunked_head_loss_sum(model.get_output_embeddings(), hidden[mask],
+                                     batch.targets[mask], chunk_rows), n_tokens
+    logits = model(**inputs).logits[0][mask]  # (N, V)
+    return F.cross_entropy(logits.float(), batch.targets[mask], reduction="sum"), n_tokens

@@ -1,0 +1,216 @@
+"""Padding-free micro-batches: every example's tokens, and only those, go through the model.
+
+A padded batch of 16 short chat rows is 10-15% padding (more for long, uneven answers), and every
+linear layer, norm and MLP spends that share of its work on tokens nobody reads. Here a
+micro-batch is one row of all its examples concatenated (`pack_batch`): positions restart at 0 for
+each example, so rotary embeddings see what they would see alone, and the next-token targets are
+shifted per example, so the last token of one example never predicts the first of the next.
+
+Attention is the one place examples must stay apart. `packed_attention` (registered with
+transformers' `AttentionInterface` under `PACKED_ATTENTION`) scatters the packed queries, keys and
+values into a zero-padded (examples, longest, ...) grid, runs the model's own eager or SDPA
+attention there with a causal + key-padding mask, and gathers the valid rows back. Only the
+attention runs on padding, and it is a small part of the work; the projections, norms and MLP run
+on valid tokens only. This is the "padding-free" mode of TRL (`DataCollatorWithFlattening`), which
+relies on FlashAttention's variable-length kernels on GPUs; on CPU the grid is the cheaper route.
+
+The loss is the same as on the padded batch (tested to 1e-5 in fp32, gradients too); only the
+order of floating-point sums differs. `train.padding_free` switches it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from lorakit.data.render import IGNORE, Encoded
+from lorakit.errors import LorakitError
+
+PACKED_ATTENTION = "lorakit_packed"
+# Decoder families whose attention is plain causal self-attention through transformers'
+# AttentionInterface (no sliding window, soft-capping or attention sinks to honour).
+PACKABLE_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+@dataclass
+class PackInfo:
+    """Where each packed token sits in the (examples, longest) grid the attention runs on."""
+
+    lengths: list[int]
+    inner: str  # "eager" or "sdpa": the attention run on the grid
+    index: torch.Tensor  # (N,) row-major grid position of each packed token
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths)
+
+    # Built on the first layer's call and reused by the others.
+    def _cached(self, key, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def _allowed(self, device) -> torch.Tensor:
+        """(B, T, T) bool: causal within each example, no key past its end."""
+        def build():
+            t = self.longest
+            lengths = torch.tensor(self.lengths, device=device)
+            keys_valid = torch.arange(t, device=device)[None, :] < lengths[:, None]  # (B, T)
+            causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+            return causal[None] & keys_valid[:, None, :]
+        return self._cached(("allowed", device), build)
+
+    def mask(self, device: torch.device) -> torch.Tensor:
+        """(B, 1, T, T) bool mask for SDPA (True: attend)."""
+        return self._allowed(device)[:, None]
+
+    def grouped_bias(self, kv_heads: int, groups: int, dtype, device) -> torch.Tensor:
+        """(B * kv_heads, groups * T, T) additive mask: 0 where allowed, the dtype's minimum else."""
+        def build():
+            allowed = self._allowed(device)
+            bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
+                ~allowed, torch.finfo(dtype).min)
+            b, t = self.rows, self.longest
+            return bias[:, None, None].expand(b, kv_heads, groups, t, t).reshape(
+                b * kv_heads, groups * t, t)
+        return self._cached(("bias", kv_heads, groups, dtype, device), build)
+
+    def grid_rows(self) -> torch.Tensor:
+        """(N, 1) example of each packed token."""
+        return self._cached("rows", lambda: (self.index // self.longest)[:, None])
+
+    def grid_cols(self) -> torch.Tensor:
+        """(N, 1) position of each packed token inside its example."""
+        return self._cached("cols", lambda: (self.index % self.longest)[:, None])
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # (1, N)
+    position_ids: torch.Tensor  # (1, N), restarting at 0 for each example
+    targets: torch.Tensor  # (N,) next-token label at each position, IGNORE at each example's end
+    info: PackInfo
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    def to(self, device) -> PackedBatch:
+        info = PackInfo(self.info.lengths, self.info.inner, self.info.index.to(device))
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device),
+                           self.targets.to(device), info)
+
+
+def pack_batch(encoded: list[Encoded], inner: str = "eager") -> PackedBatch:
+    """One packed row of the examples, with per-example positions and shifted targets."""
+    if inner not in ("eager", "sdpa"):
+        raise ValueError(f"inner attention: got {inner!r}; expected eager or sdpa")
+    lengths = [len(e.input_ids) for e in encoded]
+    longest = max(lengths)
+    ids, positions, targets, index = [], [], [], []
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        ids += e.input_ids
+        positions += range(n)
+        targets += list(e.labels[1:]) + [IGNORE]
+        index += range(row * longest, row * longest + n)
+    return PackedBatch(torch.tensor([ids]), torch.tensor([positions]), torch.tensor(targets),
+                       PackInfo(lengths, inner, torch.tensor(index)))
+
+
+def _sdpa_on_grid(module, query, key, value, info: PackInfo, **kwargs):
+    """transformers' SDPA attention on the zero-padded (B, H, T, D) grid; (N, H, D) out."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    grid = info.rows * info.longest
+
+    def to_grid(x: torch.Tensor) -> torch.Tensor:  # (1, H, N, D) -> (B, H, T, D)
+        flat = x[0].transpose(0, 1)  # (N, H, D)
+        padded = flat.new_zeros(grid, *flat.shape[1:]).index_copy(0, info.index, flat)
+        return padded.view(info.rows, info.longest, *flat.shape[1:]).transpose(1, 2)
+
+    q, k, v = to_grid(query), to_grid(key), to_grid(value)
+    out, _ = sdpa_attention_forward(module, q, k, v, info.mask(q.device), **kwargs)  # (B, T, H, D)
+    return out.reshape(grid, *out.shape[2:]).index_select(0, info.index)
+
+
+def _grouped_eager_on_grid(query, key, value, info: PackInfo, scaling: float):
+    """Eager attention on the grid with the query heads of each key/value head stacked along the
+    rows, (B, Hkv, G*T, D) against (B, Hkv, T, D): one batched product per side, with the mask
+    and the scaling folded into the first (`baddbmm`), instead of transformers' `repeat_kv` copies
+    of K and V for every query head (and their summed gradients)."""
+    b, t = info.rows, info.longest
+    n_q, n_kv, d = query.shape[1], key.shape[1], query.shape[-1]
+    groups = n_q // n_kv
+    rows, cols = info.grid_rows(), info.grid_cols()
+
+    def to_grid(x: torch.Tensor) -> torch.Tensor:  # (1, H, N, D) -> (B, H, T, D), one scatter
+        heads = x.shape[1]
+        flat = x[0].transpose(0, 1)  # (N, H, D)
+        h = torch.arange(heads, device=x.device)[None, :]
+        return flat.new_zeros(b, heads, t, d).index_put((rows, h, cols), flat)
+
+    q = to_grid(query).view(b * n_kv, groups * t, d)
+    k = to_grid(key).view(b * n_kv, t, d)
+    v = to_grid(value).view(b * n_kv, t, d)
+    bias = info.grouped_bias(n_kv, groups, q.dtype, q.device)  # (B*Hkv, G*T, T)
+    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scaling)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.bmm(probs, v).view(b, n_q, t, d)
+    h = torch.arange(n_q, device=out.device)[None, :]
+    return out[rows, h, cols]  # (N, Hq, D)
+
+
+def packed_attention(module, query, key, value, attention_mask, lorakit_packing: PackInfo | None = None,
+                     **kwargs):
+    """Attention over packed rows: (1, H, N, D) in, (1, N, H, D) out, examples kept apart."""
+    if lorakit_packing is None:
+        raise LorakitError(f"attention implementation {PACKED_ATTENTION!r} needs the packing of "
+                           "the batch (lorakit sets it only while training)")
+    info = lorakit_packing
+    if info.inner == "sdpa":
+        out = _sdpa_on_grid(module, query, key, value, info, **kwargs)
+    else:
+        if kwargs.get("dropout") and module.training:
+            raise LorakitError("attention dropout is not supported with train.padding_free; "
+                               "set train.padding_free: false")
+        out = _grouped_eager_on_grid(query, key, value, info, kwargs["scaling"])
+    return out.unsqueeze(0), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+def packing_supported(model) -> str | None:
+    """None when the model can train padding-free, else the reason it cannot."""
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in PACKABLE_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of {', '.join(PACKABLE_MODEL_TYPES)}"
+    if getattr(cfg, "use_sliding_window", False):
+        return "the model uses sliding-window attention"
+    if not getattr(model, "_supports_attention_backend", False):
+        return "the model does not take transformers' attention functions"
+    return None
+
+
+@contextlib.contextmanager
+def packed_attention_mode(model):
+    """Route the model's attention through `packed_attention`; restore the previous one after."""
+    _register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(PACKED_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
