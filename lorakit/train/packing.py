@@ -82,14 +82,6 @@ class PackInfo:
                 b * kv_heads, groups * t, t)
         return self._cached(("bias", kv_heads, groups, dtype, device), build)
 
-    def grid_rows(self) -> torch.Tensor:
-        """(N, 1) example of each packed token."""
-        return self._cached("rows", lambda: (self.index // self.longest)[:, None])
-
-    def grid_cols(self) -> torch.Tensor:
-        """(N, 1) position of each packed token inside its example."""
-        return self._cached("cols", lambda: (self.index % self.longest)[:, None])
-
 
 @dataclass
 class PackedBatch:
@@ -125,20 +117,55 @@ def pack_batch(encoded: list[Encoded], inner: str = "eager") -> PackedBatch:
                        PackInfo(lengths, inner, torch.tensor(index)))
 
 
+class _RowScatter(torch.autograd.Function):
+    """(N, ...) rows -> (R, ...) zeros with row i at `index[i]`. Its gradient is a row gather: the
+    index is one-to-one, so no accumulation (autograd's default would be a serial `index_add_`)."""
+
+    @staticmethod
+    def forward(ctx, src, index, rows: int):
+        ctx.save_for_backward(index)
+        return src.new_zeros(rows, *src.shape[1:]).index_copy_(0, index, src)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+class _RowGather(torch.autograd.Function):
+    """(R, ...) -> (N, ...) rows `index`, the inverse of `_RowScatter`, with its gradient."""
+
+    @staticmethod
+    def forward(ctx, src, index):
+        ctx.save_for_backward(index)
+        ctx.rows = src.shape[0]
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_copy_(0, index, grad), None
+
+
+def _to_grid(x: torch.Tensor, info: PackInfo) -> torch.Tensor:
+    """(1, H, N, D) packed -> (B, H, T, D) zero-padded grid."""
+    flat = x[0].transpose(0, 1)  # (N, H, D)
+    grid = _RowScatter.apply(flat, info.index, info.rows * info.longest)  # (B*T, H, D)
+    return grid.view(info.rows, info.longest, *flat.shape[1:]).transpose(1, 2)
+
+
+def _from_grid(out: torch.Tensor, info: PackInfo) -> torch.Tensor:
+    """(B, T, H, D) attention output on the grid -> (N, H, D) packed."""
+    return _RowGather.apply(out.reshape(info.rows * info.longest, *out.shape[2:]), info.index)
+
+
 def _sdpa_on_grid(module, query, key, value, info: PackInfo, **kwargs):
     """transformers' SDPA attention on the zero-padded (B, H, T, D) grid; (N, H, D) out."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    grid = info.rows * info.longest
-
-    def to_grid(x: torch.Tensor) -> torch.Tensor:  # (1, H, N, D) -> (B, H, T, D)
-        flat = x[0].transpose(0, 1)  # (N, H, D)
-        padded = flat.new_zeros(grid, *flat.shape[1:]).index_copy(0, info.index, flat)
-        return padded.view(info.rows, info.longest, *flat.shape[1:]).transpose(1, 2)
-
-    q, k, v = to_grid(query), to_grid(key), to_grid(value)
+    q, k, v = (_to_grid(x, info) for x in (query, key, value))
     out, _ = sdpa_attention_forward(module, q, k, v, info.mask(q.device), **kwargs)  # (B, T, H, D)
-    return out.reshape(grid, *out.shape[2:]).index_select(0, info.index)
+    return _from_grid(out, info)
 
 
 def _grouped_eager_on_grid(query, key, value, info: PackInfo, scaling: float):
@@ -149,23 +176,14 @@ def _grouped_eager_on_grid(query, key, value, info: PackInfo, scaling: float):
     b, t = info.rows, info.longest
     n_q, n_kv, d = query.shape[1], key.shape[1], query.shape[-1]
     groups = n_q // n_kv
-    rows, cols = info.grid_rows(), info.grid_cols()
-
-    def to_grid(x: torch.Tensor) -> torch.Tensor:  # (1, H, N, D) -> (B, H, T, D), one scatter
-        heads = x.shape[1]
-        flat = x[0].transpose(0, 1)  # (N, H, D)
-        h = torch.arange(heads, device=x.device)[None, :]
-        return flat.new_zeros(b, heads, t, d).index_put((rows, h, cols), flat)
-
-    q = to_grid(query).view(b * n_kv, groups * t, d)
-    k = to_grid(key).view(b * n_kv, t, d)
-    v = to_grid(value).view(b * n_kv, t, d)
+    q = _to_grid(query, info).reshape(b * n_kv, groups * t, d)
+    k = _to_grid(key, info).reshape(b * n_kv, t, d)
+    v = _to_grid(value, info).reshape(b * n_kv, t, d)
     bias = info.grouped_bias(n_kv, groups, q.dtype, q.device)  # (B*Hkv, G*T, T)
     scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scaling)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.bmm(probs, v).view(b, n_q, t, d)
-    h = torch.arange(n_q, device=out.device)[None, :]
-    return out[rows, h, cols]  # (N, Hq, D)
+    out = torch.bmm(probs, v).view(b, n_q, t, d).transpose(1, 2)  # (B, T, Hq, D)
+    return _from_grid(out, info)
 
 
 def packed_attention(module, query, key, value, attention_mask, lorakit_packing: PackInfo | None = None,
