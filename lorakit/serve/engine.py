@@ -90,7 +90,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = end_of_turn_ids(model, tokenizer)
-        self.kv = BatchKV()
+        self.kv = BatchKV(max_running)
         self.running: list[Request] = []
         self.waiting: collections.deque[Request] = collections.deque()
         self._commands: collections.deque[tuple[Callable, Future]] = collections.deque()
@@ -254,17 +254,15 @@ class Engine:
                     self.adapters.release(r.adapter)
             return
         self.prompt_tokens += sum(len(r.prompt_ids) for r in joiners)
-        self.kv.join(cache, mask)
+        self.kv.join(cache, [len(r.prompt_ids) for r in joiners])
         self.running.extend(joiners)
         self._take(joiners, logits)
 
     def _decode(self) -> None:
         ids = torch.tensor([[r.output_ids[-1]] for r in self.running], device=self.device)
-        mask, positions = self.kv.step_inputs()
-        logits, cache = self._forward(ids, mask, positions, self.kv.cache,
-                                      [r.slot for r in self.running])
-        self.kv.cache = cache
-        self.kv.advance(mask)
+        mask, positions = self.kv.step_inputs(self.device)
+        logits, _ = self._forward(ids, mask, positions, self.kv, [r.slot for r in self.running])
+        self.kv.advance()
         self._take(self.running, logits)
 
     def _take(self, reqs: list[Request], logits: torch.Tensor) -> None:
@@ -325,15 +323,15 @@ class Engine:
         req.done.set()
 
     def _retire(self) -> None:
-        """Drop finished rows from the batch and give their slots back."""
+        """Drop finished rows from the batch and give their slots back. The cache fills the holes
+        with the last rows, and `running` follows its new row order."""
         keep = [i for i, r in enumerate(self.running) if not r.finished]
         if len(keep) == len(self.running):
             return
         for r in self.running:
             if r.finished and r.adapter is not None:
                 self.adapters.release(r.adapter)
-        self.running = [self.running[i] for i in keep]
-        self.kv.keep(keep)
+        self.running = [self.running[i] for i in self.kv.retire(keep)]
 
     def _fail_running(self, error: Exception) -> None:
         for r in self.running:

@@ -1,22 +1,36 @@
-"""`BatchKV`: one left-padded KV cache for the running batch, re-built when sequences join or leave.
+"""`BatchKV`: the running batch's KV cache in preallocated buffers, written in place each step.
 
-The layout is transformers' own for batched generation: keys and values (B, H, L, D) per layer
-in a `DynamicCache`, rows left-padded to a common length L, and a 2-D attention mask (B, L) with
-0 on padding. Positions come from the mask (`cumsum - 1`, as `generate` computes them), so a
-row's padding changes neither its positions nor, being masked out, its attention: each row
-computes what it would alone.
+The layout is the one transformers uses for batched generation, left padding: row b's tokens sit
+in columns [start_b, c) of buffers (rows, H, cols, D) per layer, and every row writes its next
+token at the same column c. Because all rows end at column c, a column distance is a token
+distance in every row, so the attention mask is an ordinary 2-D padding mask over columns
+[s, c] (s = the first column any row uses) and transformers builds its 4-D form for whatever
+attention implementation and sliding window the model has. Positions are `c - start_b`, the
+number of real tokens before the new one, as `generate` computes them from the mask.
 
-Iteration-level scheduling (Orca, Yu et al. OSDI 2022) needs rows to join and leave between
-steps. Joining prefills the newcomers as their own left-padded batch and concatenates the two
-caches along the batch axis after padding both to the longer length; leaving selects the
-remaining rows and trims columns that are padding in every row. Both copy the cache once, which
-is simple and correct; a paged cache would avoid the copy.
+What a decode step costs is what this layout is for. The previous cache held a
+`DynamicCache`, whose `update` concatenates each layer's whole cache with the new column, and
+re-padded and concatenated the whole cache again whenever rows joined or left: at batch 32 that
+copied the cache about three times per step. Here a step writes one column per layer and hands
+the attention a view; the mask and positions are built from host integers, without reading the
+device. Joining copies only the newcomers' prefill cache into the rows after the running ones;
+leaving moves the last rows into the holes (so rows stay 0..B-1 and the batch is a view), and
+the caller reorders its requests by the order `retire` returns. Buffers grow geometrically
+(rows up to `max_rows`, columns doubling) and the live columns are shifted back to the left
+edge when the write column reaches the end, so copies of the whole cache are rare.
+
+Columns a row does not use are masked and must hold finite numbers (a masked score still
+multiplies its value by 0 in the attention kernel, and 0 x NaN is NaN): buffers start zeroed and
+a joining row's columns left of its prompt are zeroed.
+
+Prefill is unchanged: newcomers run as their own left-padded batch in a transformers
+`DynamicCache`, which `join` then copies in.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -36,69 +50,158 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device)
 
 
-def _pad_kv(t: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, H, L, D) -> (B, H, length, D), zeros on the left."""
-    return F.pad(t, (0, 0, length - t.shape[2], 0))
+class _SlotLayer(CacheLayerMixin):
+    """One decoder layer's buffers; `BatchKV` owns the row and column bookkeeping."""
+
+    is_sliding = False
+
+    def __init__(self, owner: BatchKV, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.owner = owner
+        self.keys, self.values = keys, values  # (rows, H, cols, D)
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("BatchKV layers are allocated by BatchKV.join")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's keys and values (B, H, 1, D) at column c; return columns [s, c]."""
+        kv = self.owner
+        if key_states.shape[0] != kv.rows or key_states.shape[2] != 1:
+            raise ValueError(f"BatchKV takes one new token for each of its {kv.rows} rows, got "
+                             f"keys of shape {tuple(key_states.shape)}; prefill goes through a "
+                             f"DynamicCache")
+        b, c = kv.rows, kv.end
+        self.keys[:b, :, c:c + 1].copy_(key_states)
+        self.values[:b, :, c:c + 1].copy_(value_states)
+        return self.keys[:b, :, kv.first:c + 1], self.values[:b, :, kv.first:c + 1]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.end - self.owner.first
+
+    def get_max_length(self) -> int:
+        return -1
 
 
-class BatchKV:
-    """The running batch's cache and mask; row i belongs to the i-th running sequence."""
+class BatchKV(Cache):
+    """The running batch's keys and values; row i belongs to the i-th running sequence.
 
-    def __init__(self) -> None:
-        self.cache = None  # transformers DynamicCache, or None when no row is running
-        self.mask: torch.Tensor | None = None  # (B, L) long
+    Passed to the model as its cache for decode steps: transformers calls `update` per layer
+    and `get_mask_sizes` / `get_query_offset` to size the mask.
+    """
+
+    def __init__(self, max_rows: int) -> None:
+        super().__init__(layers=[])
+        self.max_rows = max_rows
+        self.starts: list[int] = []  # first column of each row's real tokens
+        self.end = 0  # c: the column the next decode step writes
+        self.first = 0  # s: min(starts), the first column attention reads
 
     @property
     def rows(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[0]
-
-    def _kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(layer.keys, layer.values) for layer in self.cache.layers]
-
-    def _set_kv(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(ddp_cache_data=kv)
-
-    def join(self, cache, mask: torch.Tensor) -> None:
-        """Append rows prefilled on their own (`cache` from that forward, `mask` (B', L'))."""
-        if self.mask is None:
-            self.cache, self.mask = cache, mask
-            return
-        length = max(self.mask.shape[1], mask.shape[1])
-        kv = [(torch.cat([_pad_kv(k0, length), _pad_kv(k1, length)]),
-               torch.cat([_pad_kv(v0, length), _pad_kv(v1, length)]))
-              for (k0, v0), (k1, v1) in zip(self._kv(), [(l.keys, l.values) for l in cache.layers])]
-        self.mask = torch.cat([F.pad(self.mask, (length - self.mask.shape[1], 0)),
-                               F.pad(mask, (length - mask.shape[1], 0))])
-        self._set_kv(kv)
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only `rows` (in that order), then drop columns that are padding in all of them."""
-        if not rows:
-            self.cache, self.mask = None, None
-            return
-        if rows == list(range(self.rows)):
-            return
-        index = torch.tensor(rows, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        used = mask.sum(0).nonzero()
-        first = int(used[0]) if len(used) else mask.shape[1]
-        self.mask = mask[:, first:]
-        self._set_kv([(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
-                      for k, v in self._kv()])
-
-    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(attention mask (B, L+1), position ids (B, 1)) for one decode step of every row."""
-        mask = F.pad(self.mask, (0, 1), value=1)
-        positions = self.mask.sum(-1, keepdim=True)  # the next position = real tokens so far
-        return mask, positions
-
-    def advance(self, mask: torch.Tensor) -> None:
-        """Record the decode step's mask after the model appended one column to the cache."""
-        self.mask = mask
+        return len(self.starts)
 
     def nbytes(self) -> int:
-        if self.cache is None:
-            return 0
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self._kv())
+        return sum(t.numel() * t.element_size() for l in self.layers for t in (l.keys, l.values))
+
+    # -- joining and leaving -----------------------------------------------------------------
+
+    def join(self, prefill, lengths: list[int]) -> None:
+        """Append rows prefilled on their own: `prefill` is the DynamicCache of that left-padded
+        forward (J, H, L, D) per layer, `lengths` the J prompt lengths."""
+        if not self.starts:
+            self.end = self.first = 0
+        layers = [(l.keys, l.values) for l in prefill.layers]
+        joined, width = layers[0][0].shape[0], layers[0][0].shape[2]
+        if not self.layers:
+            self._allocate(layers, joined, 2 * (width + 1))
+        self._reserve(self.rows + joined, left=width, right=1)
+        b, c = self.rows, self.end
+        for layer, (k, v) in zip(self.layers, layers):
+            for buf, new in ((layer.keys, k), (layer.values, v)):
+                buf[b:b + joined, :, self.first:c - width].zero_()
+                buf[:b, :, c - width:self.first].zero_()  # now read, masked, by the old rows
+                buf[b:b + joined, :, c - width:c].copy_(new)
+        self.starts += [c - n for n in lengths]
+        self.first = min(self.starts)
+
+    def retire(self, keep: list[int]) -> list[int]:
+        """Keep only rows `keep` (ascending). Returns the surviving rows' old indices in their
+        new order: the last rows move into the holes, so at most one copy per leaving row."""
+        n = len(keep)
+        kept = set(keep)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in keep if i >= n]
+        order = list(range(self.rows))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        order = order[:n]
+        if holes:
+            device = self.layers[0].keys.device
+            dst = torch.tensor(holes, device=device)
+            src = torch.tensor(movers, device=device)
+            for layer in self.layers:
+                for buf in (layer.keys, layer.values):
+                    live = buf[:, :, self.first:self.end]
+                    live.index_copy_(0, dst, live.index_select(0, src))
+        self.starts = [self.starts[i] for i in order]
+        self.first = min(self.starts) if self.starts else 0
+        return order
+
+    # -- one decode step ---------------------------------------------------------------------
+
+    def step_inputs(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention mask (B, c+1-s) bool, position ids (B, 1)) for the next decode step, after
+        making room for its column."""
+        self._reserve(self.rows, left=0, right=1)
+        offsets = torch.tensor([start - self.first for start in self.starts], device=device)
+        positions = torch.tensor([[self.end - start] for start in self.starts], device=device)
+        columns = torch.arange(self.end + 1 - self.first, device=device)
+        return columns >= offsets[:, None], positions
+
+    def advance(self) -> None:
+        """The decode step wrote column c in every layer."""
+        self.end += 1
+
+    # -- storage -----------------------------------------------------------------------------
+
+    def _allocate(self, like: list[tuple[torch.Tensor, torch.Tensor]], rows: int, cols: int
+                  ) -> None:
+        self.layers = [
+            _SlotLayer(self, k.new_zeros(rows, k.shape[1], cols, k.shape[3]),
+                       v.new_zeros(rows, v.shape[1], cols, v.shape[3]))
+            for k, v in like]
+
+    def _reserve(self, rows: int, left: int, right: int) -> None:
+        """Make room for `rows` rows, at least `left` columns before the write column c and
+        `right` from it on. Moves the live columns [s, c) to the left edge (plus `left`) when
+        they do not fit, into new, larger buffers when the old ones are too small."""
+        if rows > self.max_rows:
+            raise ValueError(f"BatchKV holds at most {self.max_rows} rows, asked for {rows}")
+        keys = self.layers[0].keys
+        cap_rows, cap_cols = keys.shape[0], keys.shape[2]
+        if rows <= cap_rows and self.end >= left and self.end + right <= cap_cols:
+            return
+        live = self.end - self.first
+        end = max(left, live)
+        need = end + right
+        if rows > cap_rows or 2 * need > cap_cols:
+            cap_rows = min(self.max_rows, max(rows, 2 * cap_rows))
+            cap_cols = max(2 * need, cap_cols)
+        b, first = self.rows, end - live
+        for layer in self.layers:
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                span = old[:b, :, self.first:self.end].clone()
+                if old.shape[0] != cap_rows or old.shape[2] != cap_cols:
+                    new = old.new_zeros(cap_rows, old.shape[1], cap_cols, old.shape[3])
+                    setattr(layer, name, new)
+                new = getattr(layer, name)
+                new[:b, :, :first].zero_()
+                new[:b, :, first:end].copy_(span)
+        self.starts = [start - self.first + first for start in self.starts]
+        self.first, self.end = first, end

@@ -24,9 +24,11 @@ Three batched forms compute it, chosen per step by how many adapters the batch m
 - a few slots (<= `GROUPED_MAX_SLOTS`): rows grouped by slot, two skinny matmuls per group;
 - many slots: the rows gathered slot-major into a (max_loras, R, T, d_in) block, R = the busiest
   slot's row count (short slots padded with a filler row whose result is zeroed), then one
-  batched matmul per factor over all slots and one `index_add_` back (Punica's SGMV done with
-  `torch.bmm`). A fixed five ops per layer however many adapters mix, each slot's A and B read
-  once, and FLOPs for about R x max_loras rows instead of every row times every slot.
+  batched matmul per factor over all slots, and each row's delta gathered back by its slot-major
+  position and added (Punica's SGMV done with `torch.bmm`; base rows gather a zeroed filler). A
+  fixed six ops per layer however many adapters mix, each slot's A and B read once, and FLOPs for
+  about R x max_loras rows instead of every row times every slot. The way back is a gather, not
+  an `index_add_`: on CPU `index_add_` runs as a serial scatter that cost more than both matmuls.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class SlotBatch:
         self.rows_per_slot = 0
         self.slot_rows: torch.Tensor | None = None  # (max_loras * rows_per_slot,) row indices
         self.slot_valid: torch.Tensor | None = None  # (max_loras, rows_per_slot, 1, 1) 1 = real row
+        self.row_pos: torch.Tensor | None = None  # (B,) each row's slot-major position
 
     def set(self, row_slots: list[int], device: torch.device | str = "cpu",
             dtype: torch.dtype = torch.float32) -> None:
@@ -74,6 +77,7 @@ class SlotBatch:
         self.uniform_slot = slots[0] if len(slots) == 1 and all(s == slots[0] for s in row_slots) \
             else None
         self.groups, self.rows_per_slot, self.slot_rows, self.slot_valid = [], 0, None, None
+        self.row_pos = None
         if self.uniform_slot is not None or not slots:
             return
         if len(slots) <= GROUPED_MAX_SLOTS:
@@ -84,16 +88,26 @@ class SlotBatch:
             return
         # Rows laid out slot by slot, each slot padded to the busiest slot's row count R:
         # slot_rows[s * R + j] is the j-th row on slot s (row 0 as filler, zeroed by slot_valid).
+        # Base rows read their (zero) delta from a filler position, so one more column is added
+        # when base rows are present and every slot is full.
         by_slot = [[i for i, r in enumerate(row_slots) if r == s] for s in range(self.max_loras)]
         rows_per_slot = max(len(rows) for rows in by_slot)
+        if -1 in row_slots and all(len(rows) == rows_per_slot for rows in by_slot):
+            rows_per_slot += 1
         index = torch.zeros(self.max_loras, rows_per_slot, dtype=torch.long)
         valid = torch.zeros(self.max_loras, rows_per_slot, 1, 1, dtype=dtype)
+        filler = next((s * rows_per_slot + len(rows) for s, rows in enumerate(by_slot)
+                       if len(rows) < rows_per_slot), 0)  # 0 when no base row needs one
+        pos = [filler] * len(row_slots)
         for s, rows in enumerate(by_slot):
             index[s, :len(rows)] = torch.tensor(rows, dtype=torch.long)
             valid[s, :len(rows)] = 1
+            for j, row in enumerate(rows):
+                pos[row] = s * rows_per_slot + j
         self.rows_per_slot = rows_per_slot
         self.slot_rows = index.flatten().to(device)  # (S * R,)
         self.slot_valid = valid.to(device)  # (S, R, 1, 1)
+        self.row_pos = torch.tensor(pos, dtype=torch.long).to(device)  # (B,)
 
     def row_index(self) -> torch.Tensor:
         """(B,) row -> slot, the base (-1) as index max_loras (a row of ones in a DoRA factor
@@ -207,7 +221,7 @@ class MultiLoraLinear(nn.Module):
             h = torch.bmm(xs.view(S, R * T, self.in_features), a.transpose(1, 2))  # (S, R*T, r)
             h = (h.view(S, R, T, r) * batch.slot_valid.to(h.dtype)).view(S, R * T, r)
             delta = torch.bmm(h, b).view(S * R, T, self.out_features)  # (S*R, T, d_out)
-            return out.index_add_(0, batch.slot_rows, delta.to(out.dtype))
+            return out.add_(delta.index_select(0, batch.row_pos).to(out.dtype))  # (B, T, d_out)
         for slot, rows in batch.groups:
             if self.slot_rank[slot]:
                 delta = self._delta(x.index_select(0, rows), slot)  # (n_rows, T, d_out)

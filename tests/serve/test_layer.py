@@ -22,7 +22,9 @@ def _layer(d_in=24, d_out=40, max_loras=3, max_rank=8, seed=0):
     return layer, batch, adapters
 
 
-@pytest.mark.parametrize("slots", [[-1, 0, 2, 1, 0, -1],  # three adapters: the row-mask form
+@pytest.mark.parametrize("slots", [[-1, 0, 2, 1, 0, -1],  # three adapters: slot-major
+                                   [0, 1, 2, 2, 1, 0],  # slot-major, every slot full, no base
+                                   [0, 1, 2, -1, -1, -1],  # every slot full: base rows need a filler
                                    [-1, 2, 2, 0, 0, -1],  # two: grouped by slot
                                    [1, -1, -1, 1, 1, -1]])  # one among base rows: grouped
 def test_mixed_rows_equal_plain_loop(slots):
