@@ -8,11 +8,12 @@ shifted per example, so the last token of one example never predicts the first o
 
 Attention is the one place examples must stay apart. `packed_attention` (registered with
 transformers' `AttentionInterface` under `PACKED_ATTENTION`) scatters the packed queries, keys and
-values into a zero-padded (examples, longest, ...) grid, runs the model's own eager or SDPA
-attention there with a causal + key-padding mask, and gathers the valid rows back. Only the
-attention runs on padding, and it is a small part of the work; the projections, norms and MLP run
-on valid tokens only. This is the "padding-free" mode of TRL (`DataCollatorWithFlattening`), which
-relies on FlashAttention's variable-length kernels on GPUs; on CPU the grid is the cheaper route.
+values into a zero-padded (examples, longest, ...) grid, runs attention there with a causal +
+key-padding mask (a grouped eager form for short rows, transformers' SDPA for long ones), and
+gathers the valid rows back. Only the attention runs on padding, and it is a small part of the
+work; the projections, norms and MLP run on valid tokens only. This is what transformers'
+`DataCollatorWithFlattening` and TRL's `padding_free` do, relying on FlashAttention's
+variable-length kernels on GPUs; on CPU the grid is the cheaper route.
 
 The loss is the same as on the padded batch (tested to 1e-5 in fp32, gradients too); only the
 order of floating-point sums differs. `train.padding_free` switches it off.
