@@ -24,6 +24,7 @@ import torch
 from lorakit.adapters import save_adapter
 from lorakit.config import RunConfig, dump_config
 from lorakit.data.collate import pad_batch
+from lorakit.data.render import IGNORE
 from lorakit.device import dtype_of, resolve_device
 from lorakit.errors import LorakitError
 from lorakit.lora import count_parameters, lora_layers
@@ -85,7 +86,7 @@ def _keep_metrics_up_to(path: Path, step: int) -> None:
 
 def supervised_tokens(example) -> int:
     """Tokens whose next-token prediction is trained (label set at the next position)."""
-    return sum(label != -100 for label in example.labels[1:])
+    return sum(label != IGNORE for label in example.labels[1:])
 
 
 def micro_batch_loss(model, examples, pad_id, device, supervised_only, packed_inner):
