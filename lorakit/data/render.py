@@ -35,6 +35,11 @@ class Encoded:
     answer_dropped: bool = False  # no supervised token is left
 
 
+def supervised_count(labels: list[int]) -> int:
+    """Tokens whose next-token prediction is trained: a label set at the next position."""
+    return sum(label != IGNORE for label in labels[1:])
+
+
 def _render(messages, tokenizer, add_generation_prompt: bool) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(list(messages), tokenize=False,
@@ -106,9 +111,9 @@ def encode_example(ex: Example, tokenizer, max_seq_len: int, train_on_inputs: bo
     else:
         labels = [t if any(s <= start < e for s, e in spans) else IGNORE
                   for t, (start, _) in zip(ids, offsets)]
-    supervised = sum(label != IGNORE for label in labels[1:])
+    supervised = supervised_count(labels)
     ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-    kept = sum(label != IGNORE for label in labels[1:])
+    kept = supervised_count(labels)
     return Encoded(ids, labels, answer_truncated=kept < supervised, answer_dropped=kept == 0)
 
 

@@ -92,10 +92,15 @@ def lean_targets(model: nn.Module) -> list[tuple[nn.Module, object]]:
 def lean_modules(model: nn.Module):
     """Run the recognised modules through the lean functions inside the block."""
     targets = lean_targets(model)
+    # A forward already set on the instance (a hook library's wrapper) is put back afterwards.
+    previous = [module.__dict__.get("forward") for module, _ in targets]
     for module, forward in targets:
         module.forward = forward
     try:
         yield len(targets)
     finally:
-        for module, _ in targets:
-            del module.forward
+        for (module, _), old in zip(targets, previous):
+            if old is None:
+                del module.forward
+            else:
+                module.forward = old

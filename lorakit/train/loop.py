@@ -24,7 +24,7 @@ import torch
 from lorakit.adapters import save_adapter
 from lorakit.config import RunConfig, dump_config
 from lorakit.data.collate import pad_batch
-from lorakit.data.render import IGNORE
+from lorakit.data.render import supervised_count
 from lorakit.device import dtype_of, resolve_device
 from lorakit.errors import LorakitError
 from lorakit.lora import count_parameters, lora_layers
@@ -82,11 +82,6 @@ def _keep_metrics_up_to(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(r + "\n" for r in rows))
     os.replace(tmp, path)
-
-
-def supervised_tokens(example) -> int:
-    """Tokens whose next-token prediction is trained (label set at the next position)."""
-    return sum(label != IGNORE for label in example.labels[1:])
 
 
 def micro_batch_loss(model, examples, pad_id, device, supervised_only, packed_inner):
@@ -259,7 +254,7 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
         while step < total_steps:
             # Forward and backward over this step's micro-batches, weighting every token alike.
             micro_batches = [[data.train[i] for i in plan[micro + k]] for k in range(t.grad_accum)]
-            step_tokens = sum(supervised_tokens(e) for mb in micro_batches for e in mb)
+            step_tokens = sum(supervised_count(e.labels) for mb in micro_batches for e in mb)
             loss_total, step_input_tokens = 0.0, 0
             for examples in micro_batches:
                 loss_sum, _, n_input = micro_batch_loss(model, examples, pad_id, device,

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lorakit.data.render import IGNORE
+
 CHUNK_ROWS = 1024
 
 
@@ -71,7 +73,7 @@ def packed_loss_sum(model: nn.Module, batch, supervised_only: bool = True,
     """`causal_lm_loss_sum` for a `lorakit.train.packing.PackedBatch` (padding-free row).
 
     The model must be in `packed_attention_mode`; the targets are already shifted per example."""
-    mask = batch.targets != -100
+    mask = batch.targets != IGNORE
     n_tokens = int(mask.sum())
     inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False,
               "lorakit_packing": batch.info}
