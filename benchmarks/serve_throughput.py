@@ -10,9 +10,14 @@ prompts are answered by four systems, each at concurrency 1 and 32:
                layers at all: the cost floor for serving one adapter);
   (b) single   one unmerged adapter in a `MultiLoraLinear` slot, every request uses it;
   (c) mixed16  16 distinct adapters, requests assigned round-robin, `max_loras=16`;
+  (c') mixed16-nopc  (c) with lorakit's prefix cache off;
   (d) peft     PEFT's mixed-batch `generate(..., adapter_names=[...])` over the same 16
                adapters: static batches of `concurrency` requests (the whole batch finishes
                together), left-padded, greedy.
+
+The lorakit systems (a)-(c) run with the server's default prefix cache (`--prefix-cache-mb`, 256
+MiB): the chat template's system turn, about 24 tokens shared by every prompt, is prefilled once
+per adapter and its keys and values reused. (c') shows what that is worth; PEFT has no such cache.
 
 lorakit systems run closed-loop clients: `concurrency` threads, each submitting its next request
 when the previous one finishes, through `Engine.submit` (the HTTP layer is not in the loop).
@@ -142,6 +147,8 @@ def main() -> int:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds per concurrency")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--prefix-cache-mb", type=int, default=256,
+                    help="lorakit's prefix cache for (a)-(c); 0 turns it off")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                     help="base weights and compute for every system (PEFT included)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_throughput.json"))
@@ -153,7 +160,11 @@ def main() -> int:
     from lorakit.serve.cache import AdapterCache
     from lorakit.serve.engine import Engine
     from lorakit.serve.layer import SlotBatch, wrap_for_serving
+    from lorakit.serve.prefix import PrefixCache
     from lorakit.serve.registry import AdapterRegistry
+
+    def prefix_cache():
+        return PrefixCache(args.prefix_cache_mb * 2**20) if args.prefix_cache_mb else None
 
     torch.manual_seed(0)
     from lorakit.device import dtype_of
@@ -166,7 +177,8 @@ def main() -> int:
     merged = copy.deepcopy(base)
     load_adapter(merged, dirs[0])
     merge_and_unload(merged)
-    engine_a = Engine(merged, tokenizer, SlotBatch(), None, max_running=64)  # no LoRA layers
+    engine_a = Engine(merged, tokenizer, SlotBatch(), None, max_running=64,  # no LoRA layers
+                      prefix_cache=prefix_cache())
 
     served = copy.deepcopy(base)
     served.lorakit_identity = base.lorakit_identity
@@ -176,13 +188,16 @@ def main() -> int:
         registry.add(d.name, d)
     cache = AdapterCache(layers, registry, base.lorakit_identity, args.adapters, args.adapters,
                          args.r, tmp)
-    engine_lora = Engine(served, tokenizer, batch, cache, max_running=64)
+    engine_lora = Engine(served, tokenizer, batch, cache, max_running=64, prefix_cache=prefix_cache())
+    engine_nopc = Engine(served, tokenizer, batch, cache, max_running=64)
 
     results: dict = {"model": MODEL, "dtype": args.dtype, "tokens_per_request": args.tokens,
                      "adapters": args.adapters,
-                     "r": args.r, "torch_threads": torch.get_num_threads(), "runs": {}}
+                     "r": args.r, "prefix_cache_mb": args.prefix_cache_mb,
+                     "torch_threads": torch.get_num_threads(), "runs": {}}
     systems = {"merged": (engine_a, lambda i: None), "single": (engine_lora, lambda i: names[0]),
-               "mixed16": (engine_lora, lambda i: names[i % len(names)])}
+               "mixed16": (engine_lora, lambda i: names[i % len(names)]),
+               "mixed16-nopc": (engine_nopc, lambda i: names[i % len(names)])}
     for conc, n_req in [(1, args.requests_c1), (32, args.requests)]:
         ps = prompts(tokenizer, n_req)
         jobs = {label: [(ps[i], pick(i)) for i in range(n_req)] for label, (_, pick) in systems.items()}
@@ -209,7 +224,12 @@ def main() -> int:
             results["runs"][f"{label}@{conc}"] = res
             print(f"{label:8s} c={conc:<3d} {res['tokens_per_s']:8.1f} tok/s  p50 {res['p50_s']:.3f} s"
                   f"  p95 {res['p95_s']:.3f} s", flush=True)
-    del served, engine_lora, merged, engine_a
+    hits = {label: (e.prefix.hit_tokens, e.prefix.queried_tokens) for label, e in
+            (("merged", engine_a), ("lora", engine_lora)) if e.prefix is not None}
+    results["prefix_cache_hit_tokens"] = hits
+    for label, (hit, queried) in hits.items():
+        print(f"prefix cache ({label} engine): {hit} of {queried} prompt tokens reused")
+    del served, engine_lora, engine_nopc, merged, engine_a
 
     if not args.skip_peft:
         from peft import PeftModel
@@ -239,12 +259,14 @@ def main() -> int:
         ratios["mixed16/peft tok/s @32 (target >= 3)"] = \
             runs["mixed16@32"]["tokens_per_s"] / runs["peft@32"]["tokens_per_s"]
         ratios["mixed16/peft tok/s @1"] = runs["mixed16@1"]["tokens_per_s"] / runs["peft@1"]["tokens_per_s"]
+        ratios["mixed16-nopc/peft tok/s @32"] = \
+            runs["mixed16-nopc@32"]["tokens_per_s"] / runs["peft@32"]["tokens_per_s"]
     results["ratios"] = ratios
 
-    print(f"\n{'system':10s} {'conc':>4s} {'tok/s':>9s} {'p50 s':>8s} {'p95 s':>8s}")
+    print(f"\n{'system':13s} {'conc':>4s} {'tok/s':>9s} {'p50 s':>8s} {'p95 s':>8s}")
     for key, res in runs.items():
         label, conc = key.split("@")
-        print(f"{label:10s} {conc:>4s} {res['tokens_per_s']:9.1f} {res['p50_s']:8.3f} {res['p95_s']:8.3f}")
+        print(f"{label:13s} {conc:>4s} {res['tokens_per_s']:9.1f} {res['p50_s']:8.3f} {res['p95_s']:8.3f}")
     print()
     for k, v in ratios.items():
         print(f"{k:50s} {v:6.2f}")

@@ -17,6 +17,7 @@ Only the engine thread calls the mutating methods (slots are written between for
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,8 @@ class AdapterCache:
         self.slots = LruTier(max_loras)
         self._cpu: dict[str, CpuAdapter] = {}
         self.slot_of: dict[str, int] = {}
+        self._loads = itertools.count(1)
+        self._slot_load: dict[str, int] = {}  # which load put each slotted adapter's weights there
         self._free_slots = list(range(max_loras))
         self.disk_loads = 0
 
@@ -152,6 +155,7 @@ class AdapterCache:
         evicted = self.slots.add(name)
         if evicted is not None:
             slot = self.slot_of.pop(evicted)
+            self._slot_load.pop(evicted, None)
             for layer in self.layers.values():
                 layer.reset_lora(slot)
         else:
@@ -159,6 +163,7 @@ class AdapterCache:
         for module, (a, b, scaling, magnitude) in adapter.weights.items():
             self.layers[module].set_lora(slot, a, b, scaling, magnitude)
         self.slot_of[name] = slot
+        self._slot_load[name] = next(self._loads)
         if self.cpu.pinned(name):
             self.slots.pin(name)
         self.slots.acquire(name)
@@ -166,6 +171,11 @@ class AdapterCache:
 
     def release(self, name: str) -> None:
         self.slots.release(name)
+
+    def weights_key(self, name: str) -> tuple[str, int]:
+        """Names the weights `name`'s slot holds now: its name and the load that wrote them, new
+        each time the adapter enters a slot (the prefix cache keys keys and values by it)."""
+        return name, self._slot_load[name]
 
     def unload(self, name: str) -> bool:
         """Drop `name` from both tiers; refused while running requests use it."""
@@ -175,6 +185,7 @@ class AdapterCache:
         was = name in self.slots or name in self.cpu
         if name in self.slots:
             slot = self.slot_of.pop(name)
+            self._slot_load.pop(name, None)
             for layer in self.layers.values():
                 layer.reset_lora(slot)
             self._free_slots.append(slot)

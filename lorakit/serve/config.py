@@ -50,6 +50,8 @@ class ServeConfig:
     dtype: str = "fp32"
     device: str = "cpu"
     quantize_base: str | None = None  # nf4: base linear weights in 4-bit NF4 (QLoRA adapters)
+    prefix_cache_mb: int = 256  # keys/values of repeated prompt prefixes, per adapter; 0 = off
+    prefix_block: int = 8  # tokens per prefix cache block (prefixes are reused in whole blocks)
     host: str = "127.0.0.1"
     port: int = 8000
     limits: Limits = field(default_factory=Limits)
@@ -69,6 +71,10 @@ def _problems(cfg: ServeConfig) -> list[str]:
         out.append(f"dtype: got {cfg.dtype!r} (expected one of {', '.join(DTYPES)})")
     if cfg.quantize_base not in (None, "nf4"):
         out.append(f"quantize_base: got {cfg.quantize_base!r} (expected nf4 or null)")
+    if cfg.prefix_cache_mb < 0:
+        out.append(f"prefix_cache_mb: got {cfg.prefix_cache_mb} (expected >= 0; 0 turns it off)")
+    if cfg.prefix_block < 1:
+        out.append(f"prefix_block: got {cfg.prefix_block} (expected >= 1)")
     if not 0 <= cfg.port <= 65535:
         out.append(f"port: got {cfg.port} (expected 0-65535)")
     if cfg.api_key is not None and len(cfg.api_key) < 8:

@@ -3,8 +3,9 @@
 Scheduling is iteration-level, as in Orca (Yu et al., OSDI 2022) and vLLM's scheduler: every
 step admits waiting requests up to `max_running` (a request whose adapter cannot get a slot
 because every slot is held by running requests stays queued), prefills the newcomers as one
-left-padded batch, joins them to the running batch's cache, runs one decode step for every row,
-and retires the rows that finished. A request that arrives while others decode therefore joins at
+left-padded batch (two when some of them start with a prefix the `PrefixCache` holds: those
+compute only the rest of their prompt), joins them to the running batch's cache, runs one
+decode step for every row, and retires the rows that finished. A request that arrives while others decode therefore joins at
 the next step, and a finished one leaves at once. Rows of different adapters share each forward
 pass through the per-row slot index of `MultiLoraLinear` (lorakit/serve/layer.py).
 
@@ -29,6 +30,7 @@ from lorakit.models.load import cache_of, with_cache
 from lorakit.serve.cache import AdapterCache
 from lorakit.serve.kvcache import BatchKV, left_pad, positions_from_mask
 from lorakit.serve.layer import SlotBatch
+from lorakit.serve.prefix import PrefixCache
 from lorakit.serve.sampling import SamplingParams, find_stop, make_generator, next_tokens, safe_prefix_len
 
 
@@ -79,7 +81,8 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer, batch: SlotBatch, adapters: AdapterCache | None,
-                 max_running: int = 32, max_waiting: int = 256, max_model_len: int | None = None):
+                 max_running: int = 32, max_waiting: int = 256, max_model_len: int | None = None,
+                 prefix_cache: PrefixCache | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch = batch
@@ -91,6 +94,7 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = end_of_turn_ids(model, tokenizer)
         self.kv = BatchKV(max_running)
+        self.prefix = prefix_cache
         self.running: list[Request] = []
         self.waiting: collections.deque[Request] = collections.deque()
         self._commands: collections.deque[tuple[Callable, Future]] = collections.deque()
@@ -241,22 +245,90 @@ class Engine:
         return out.logits[:, -1], cache_of(out)  # (B, V)
 
     def _prefill(self, joiners: list[Request]) -> None:
+        """Prefill the newcomers and join them to the running batch. With a prefix cache, the
+        ones with a cached prefix run as their own group, from the end of that prefix."""
+        if self.prefix is None:
+            self._prefill_group(joiners, [None] * len(joiners), [None] * len(joiners))
+            return
+        keys = [self._prefix_key(r) for r in joiners]
+        found = [self.prefix.match(k, r.prompt_ids) for k, r in zip(keys, joiners)]
+        hit = [i for i, f in enumerate(found) if f is not None]
+        miss = [i for i, f in enumerate(found) if f is None]
+        for group in (hit, miss):
+            if group:
+                self._prefill_group([joiners[i] for i in group], [found[i] for i in group],
+                                    [keys[i] for i in group])
+
+    def _prefix_key(self, req: Request):
+        return None if req.adapter is None else self.adapters.weights_key(req.adapter)
+
+    def _prefill_group(self, joiners: list[Request], cached: list, keys: list) -> None:
+        """One left-padded forward over the joiners' uncached tokens.
+
+        Every row computes the same number S of new tokens (the most any row needs); a row with
+        a longer cached prefix than it then needs uses only its first L - S cached tokens. So the
+        cached part, right-aligned before the new tokens, and the new tokens form one contiguous
+        left-padded row, the layout `BatchKV.join` takes, and no row is padded inside.
+        """
         from transformers import DynamicCache
 
-        ids, mask = left_pad([r.prompt_ids for r in joiners], self.pad_id, self.device)
+        lengths = [len(r.prompt_ids) for r in joiners]
+        have = [0 if c is None else c.shape[3] for c in cached]
+        new = max(n - h for n, h in zip(lengths, have))
+        used = [max(n - new, 0) for n in lengths]
+        past = max(used)
+        ids, mask = left_pad([r.prompt_ids[u:] for r, u in zip(joiners, used)], self.pad_id,
+                             self.device)
+        cache = DynamicCache()
+        if past:
+            mask = torch.cat([self._past_mask(used, past), mask], dim=1)
+            for layer, (k, v) in enumerate(self._past_kv(cached, used, past)):
+                cache.update(k, v, layer)
+        positions = positions_from_mask(mask)[:, past:]
         try:
-            logits, cache = self._forward(ids, mask, positions_from_mask(mask), DynamicCache(),
-                                          [r.slot for r in joiners])
+            logits, cache = self._forward(ids, mask, positions, cache, [r.slot for r in joiners])
         except Exception as e:  # the newcomers fail; the running batch is untouched
             for r in joiners:
                 self._fail(r, e)
                 if r.adapter is not None:
                     self.adapters.release(r.adapter)
             return
-        self.prompt_tokens += sum(len(r.prompt_ids) for r in joiners)
-        self.kv.join(cache, [len(r.prompt_ids) for r in joiners])
+        self.prompt_tokens += sum(lengths)
+        if self.prefix is not None:
+            self._remember(joiners, keys, cache)
+        self.kv.join(cache, lengths)
         self.running.extend(joiners)
         self._take(joiners, logits)
+
+    def _past_mask(self, used: list[int], past: int) -> torch.Tensor:
+        cols = torch.arange(past, device=self.device)
+        return (cols[None] >= torch.tensor([past - u for u in used], device=self.device)[:, None]
+                ).long()
+
+    def _past_kv(self, cached: list, used: list[int], past: int):
+        """Per layer (keys, values) (J, kv heads, past, head dim): row i's first used[i] cached
+        tokens right-aligned, zeros (masked) before them."""
+        like = next(c for c, u in zip(cached, used) if u)
+        n_layers, _, heads, _, dim = like.shape
+        kv = like.new_zeros(n_layers, 2, len(cached), heads, past, dim)
+        for i, (c, u) in enumerate(zip(cached, used)):
+            if u:
+                kv[:, :, i, :, past - u:] = c[:, :, :, :u].to(kv.device)
+        return [(kv[layer, 0], kv[layer, 1]) for layer in range(n_layers)]
+
+    def _remember(self, joiners: list[Request], keys: list, cache) -> None:
+        """Store the whole blocks of each joiner's prompt in the prefix cache."""
+        layers = cache.layers
+        width = layers[0].keys.shape[2]
+        for row, (req, key) in enumerate(zip(joiners, keys)):
+            first = width - len(req.prompt_ids)
+
+            def kv_of(start, end, row=row, first=first):
+                cols = slice(first + start, first + end)
+                return torch.stack([torch.stack([l.keys[row, :, cols], l.values[row, :, cols]])
+                                    for l in layers])
+
+            self.prefix.insert(key, req.prompt_ids, kv_of)
 
     def _decode(self) -> None:
         ids = torch.tensor([[r.output_ids[-1]] for r in self.running], device=self.device)

@@ -4,7 +4,7 @@ Names follow Prometheus' conventions (`_total` for counters, base units: bytes, 
 cover what an operator of a multi-adapter server watches, as vLLM's `/metrics` does: requests by
 route and status, prompt and generated tokens, generation throughput over the last 10 s, queue
 depth and running sequences, adapter cache hits, misses and evictions per tier, which adapters
-are resident and the memory they take, and the KV cache size.
+are resident and the memory they take, the KV cache size, and prefix cache hits.
 """
 
 from __future__ import annotations
@@ -75,6 +75,19 @@ def render(engine, cache_snapshot: dict | None, http: HttpCounters, slot_bytes: 
              [({}, len(engine.running))])
     w.metric("lorakit_kv_cache_bytes", "gauge", "Bytes held by the running batch's KV cache",
              [({}, engine.kv.nbytes())])
+    prefix = engine.prefix
+    if prefix is not None:
+        w.metric("lorakit_prefix_cache_hit_tokens_total", "counter",
+                 "Prompt tokens whose keys and values came from the prefix cache",
+                 [({}, prefix.hit_tokens)])
+        w.metric("lorakit_prefix_cache_queried_tokens_total", "counter",
+                 "Prompt tokens looked up in the prefix cache", [({}, prefix.queried_tokens)])
+        w.metric("lorakit_prefix_cache_bytes", "gauge", "Bytes held by the prefix cache",
+                 [({}, prefix.nbytes)])
+        w.metric("lorakit_prefix_cache_blocks", "gauge", "Blocks held by the prefix cache",
+                 [({}, len(prefix))])
+        w.metric("lorakit_prefix_cache_evictions_total", "counter",
+                 "Prefix cache blocks evicted (least recently used first)", [({}, prefix.evictions)])
     if cache_snapshot is not None:
         s = cache_snapshot
         for what in ("hits", "misses", "evictions"):

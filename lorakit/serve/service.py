@@ -17,6 +17,7 @@ from lorakit.serve.cache import AdapterCache
 from lorakit.serve.config import ServeConfig
 from lorakit.serve.engine import Engine
 from lorakit.serve.layer import resident_bytes, wrap_for_serving
+from lorakit.serve.prefix import PrefixCache
 from lorakit.serve.protocol import ApiError
 from lorakit.serve.registry import AdapterRecord, AdapterRegistry, check_name, resolve_under
 
@@ -36,9 +37,11 @@ class Service:
         self.slot_bytes = resident_bytes(layers)
         self.cache = AdapterCache(layers, self.registry, self.identity, config.max_loras,
                                   config.max_cpu_loras, config.max_lora_rank, self.adapters_root)
+        prefix = (PrefixCache(config.prefix_cache_mb * 2**20, config.prefix_block)
+                  if config.prefix_cache_mb else None)
         self.engine = Engine(model, tokenizer, batch, self.cache,
                              max_running=config.limits.max_concurrent,
-                             max_waiting=config.limits.max_queue)
+                             max_waiting=config.limits.max_queue, prefix_cache=prefix)
         self.vocab_size = len(tokenizer)
 
     @classmethod

@@ -60,7 +60,7 @@ def greedy_reference(model, prompt_ids: list[int], n: int) -> list[int]:
 
 def served(base, tokenizer, root: Path, max_loras: int = 4, max_cpu_loras: int = 8,
            max_lora_rank: int = 8, max_running: int = 64, targets=TARGETS, identity=None,
-           prepare=None):
+           prepare=None, prefix_cache=None):
     """(engine, cache, registry) around a copy of `base` (passed to `prepare` first, e.g. to
     quantize it), registry under `root`."""
     model = copy.deepcopy(base)
@@ -72,5 +72,6 @@ def served(base, tokenizer, root: Path, max_loras: int = 4, max_cpu_loras: int =
     registry = AdapterRegistry(root / "adapters.sqlite")
     cache = AdapterCache(layers, registry, identity, max_loras, max_cpu_loras, max_lora_rank,
                          adapters_root=root)
-    engine = Engine(model, tokenizer, batch, cache, max_running=max_running)
+    engine = Engine(model, tokenizer, batch, cache, max_running=max_running,
+                    prefix_cache=prefix_cache)
     return engine, cache, registry

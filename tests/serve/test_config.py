@@ -30,6 +30,10 @@ def test_every_problem_listed(tmp_path, monkeypatch):
     assert "limits.max_tokens: got 'lots'" in msg
     with pytest.raises(ConfigError, match="max_cpu_loras: got 4 .expected >= max_loras = 8"):
         load_serve_config(None, ["max_loras=8", "max_cpu_loras=4"])
+    with pytest.raises(ConfigError, match=r"prefix_cache_mb: got -1 \(expected >= 0; 0 turns it off\)"):
+        load_serve_config(None, ["prefix_cache_mb=-1"])
+    with pytest.raises(ConfigError, match=r"prefix_block: got 0 \(expected >= 1\)"):
+        load_serve_config(None, ["prefix_block=0"])
     with pytest.raises(ConfigError, match="broken.yaml: line 2 not valid YAML"):
         (tmp_path / "broken.yaml").write_text("a: [\n")
         load_serve_config(tmp_path / "broken.yaml")

@@ -3,6 +3,7 @@ surface, raw httpx for the hostile inputs (traversal, pickles, huge bodies), plu
 metrics routes."""
 
 import copy
+import re
 import shutil
 
 import httpx
@@ -180,6 +181,14 @@ def test_admin_routes_and_metrics(server):
         assert 'lorakit_adapter_memory_bytes{adapter="fresh"}' in text
         assert 'lorakit_http_requests_total{route="/v1/completions",status="200"} 4' in text
         assert f"lorakit_generation_tokens_total {sampled}\n" in text and "lorakit_queue_depth 0" in text
+        assert "lorakit_prefix_cache_hit_tokens_total 0\n" in text  # prompts shorter than a block
+        long = "is this bike still available? can you do 50 for it " * 2
+        for _ in range(2):  # the second prefill reuses the first one's blocks
+            r = http.post("/v1/completions", json={"model": "ad1", "prompt": long, "max_tokens": 1})
+            assert r.status_code == 200
+        hits = re.search(r"^lorakit_prefix_cache_hit_tokens_total (\d+)$", http.get("/metrics").text,
+                         re.MULTILINE)
+        assert int(hits.group(1)) >= 8
         r = http.post("/admin/adapters/fresh/unpin")
         assert r.status_code == 200 and not r.json()["pinned"]
         r = http.post("/admin/adapters/fresh/unload")
