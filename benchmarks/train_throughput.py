@@ -14,6 +14,15 @@ valid token (forward 2, backward through the frozen weights 2).
 Data: "short" is CLINC150 (real intent queries, from ../shared/data/clinc150 when present, else
 the bundled intents), "long" is Alpaca-style rows with 100-300-token answers generated here.
 Writes benchmarks/results/train_throughput.json and prints a table with ratios.
+
+    .venv/bin/python benchmarks/train_throughput.py --ablate [--rounds 3] [--steps 8]
+
+measures what each of lorakit's speed switches is worth: lorakit with its defaults, with each
+switch off alone, and with all of them off, on the short data, each in its own process, the
+variants interleaved round by round (this machine's speed drifts by 10-30% over minutes, more
+than some switches are worth, so only runs made side by side compare). Reports the median
+tokens/s and peak RSS per variant and their ratios to the defaults; writes
+benchmarks/results/train_ablation.json.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CLINC = ROOT.parent / "shared" / "data" / "clinc150" / "data_full.json"
 MODEL = "smollm2-135m-instruct"
+DEFAULT_OUT = str(ROOT / "benchmarks" / "results" / "train_throughput.json")
 
 
 # ----------------------------------------------------------------------------- data
@@ -175,6 +185,57 @@ def block_linear_params() -> int:
     return sum(model.get_submodule(n).weight.numel() for n in linear_module_names(model) if n != "lm_head")
 
 
+# ----------------------------------------------------------------------------- ablation
+SWITCHES = {  # each speed switch and the value that turns it off
+    "train.padding_free": "false",
+    "train.fused_lora": "false",
+    "train.lean_activations": "false",
+    "train.loss_on_supervised_only": "false",
+}
+
+
+def ablate(args) -> None:
+    import statistics
+
+    variants = {"defaults": []}
+    variants.update({f"{k}={v}": [f"{k}={v}"] for k, v in SWITCHES.items()})
+    variants["all off"] = [f"{k}={v}" for k, v in SWITCHES.items()]
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(variants))
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; expected some of {list(variants)}")
+        variants = {k: v for k, v in variants.items() if k in args.variants or k == "defaults"}
+    rows = short_rows(args.steps * args.batch)
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    runs = {name: [] for name in variants}
+    for round_ in range(args.rounds):
+        for name, overrides in variants.items():
+            res = spawn("lorakit", f.name, args, overrides=args.set + overrides)
+            runs[name].append(res)
+            print(f"round {round_ + 1}/{args.rounds} {name:36} {res['tokens_per_s']:6.0f} tok/s, "
+                  f"peak RSS {res['peak_rss_mb']:5.0f} MB, loss {res['final_loss']:.4f}", flush=True)
+    summary = {}
+    for name, results in runs.items():
+        summary[name] = {
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in results),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
+            "final_loss": results[0]["final_loss"], "runs": results}
+    base = summary["defaults"]
+    print(f"\n{'variant':36} {'tok/s':>7} {'x defaults':>10} {'RSS MB':>7} {'x defaults':>10} {'loss':>7}")
+    for name, r in summary.items():
+        r["speed_vs_defaults"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["rss_vs_defaults"] = r["peak_rss_mb"] / base["peak_rss_mb"]
+        print(f"{name:36} {r['tokens_per_s']:7.0f} {r['speed_vs_defaults']:10.2f} "
+              f"{r['peak_rss_mb']:7.0f} {r['rss_vs_defaults']:10.2f} {r['final_loss']:7.4f}")
+    out = Path(args.out).with_name("train_ablation.json") if args.out == DEFAULT_OUT else Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"steps": args.steps, "batch": args.batch, "r": args.r,
+                               "rounds": args.rounds, "variants": summary}, indent=2))
+    print(f"medians of {args.rounds} interleaved rounds, {args.steps} steps each (the first not "
+          f"timed); wrote {out}")
+
+
 # ----------------------------------------------------------------------------- driver
 def child(args) -> None:
     out = tempfile.mkdtemp(prefix="bench-")
@@ -186,10 +247,10 @@ def child(args) -> None:
     print("RESULT " + json.dumps(res))
 
 
-def spawn(system: str, rows_path: str, args) -> dict:
+def spawn(system: str, rows_path: str, args, overrides: list[str] | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", "--system", system, "--rows", rows_path,
            "--steps", str(args.steps), "--batch", str(args.batch), "--r", str(args.r)]
-    cmd += [f"--set={o}" for o in args.set]
+    cmd += [f"--set={o}" for o in (args.set if overrides is None else overrides)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
@@ -205,15 +266,22 @@ def main() -> None:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--data", nargs="*", default=["short", "long"])
     p.add_argument("--systems", nargs="*", default=["lorakit", "peer-fp32", "peer-bf16"])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
+    p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a config override for lorakit's run (repeatable), e.g. train.padding_free=false")
+    p.add_argument("--ablate", action="store_true",
+                   help="lorakit alone: defaults, each speed switch off, all off (short data)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --ablate")
+    p.add_argument("--variants", nargs="*", help="--ablate only these (and the defaults), e.g. "
+                   "'train.lean_activations=false'")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--system", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.ablate:
+        return ablate(args)
 
     import torch
 

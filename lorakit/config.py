@@ -77,6 +77,7 @@ class TrainSection:
     group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
     padding_free: bool = True  # micro-batches packed into one row, attention kept per example
     lean_activations: bool = True  # RMSNorm/SwiGLU keep only their inputs for backward (less memory)
+    fused_lora: bool = True  # one autograd function per plain LoRA layer (adapter product added in place)
     loss_on_supervised_only: bool = True  # output head only where labels are set (same loss, less work)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     # Speed switches that change numerics slightly (the defaults are the fast ones):

@@ -67,6 +67,7 @@ class LoraLinear(nn.Module):
         self.merged = False
         self.disabled = False
         self.compute_dtype: torch.dtype | None = None  # see forward
+        self.fused = True  # may use LoraLinearFunction (train.fused_lora)
         self.reset_lora_parameters()
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -99,7 +100,7 @@ class LoraLinear(nn.Module):
     def _fusable(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         """Plain LoRA over an ordinary frozen `nn.Linear`, all in one dtype: the fused function."""
         weight = self.base.weight
-        return (not self.use_dora and type(self.base) is nn.Linear and type(weight) is nn.Parameter
+        return (self.fused and not self.use_dora and type(self.base) is nn.Linear and type(weight) is nn.Parameter
                 and not weight.requires_grad and weight.dtype == dtype == x.dtype
                 and (isinstance(self.lora_dropout, nn.Identity) or not self.training))
 

@@ -118,11 +118,12 @@ EAGER_MAX_TOKENS = 256  # attn_implementation auto: eager when 90% of rows are a
 
 
 def _apply_speed_settings(model, t, device, lengths: list[int]) -> str:
-    """`train.lora_compute` and `train.attn_implementation` (measured in
+    """`train.lora_compute`, `train.fused_lora` and `train.attn_implementation` (measured in
     benchmarks/train_throughput.py); returns the attention implementation chosen."""
     base_dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), None)
     for _, layer in lora_layers(model):
         layer.compute_dtype = base_dtype if t.lora_compute == "base" else torch.float32
+        layer.fused = t.fused_lora
     attn = t.attn_implementation
     if attn == "auto":
         # On CPU, eager attention trains short rows faster than SDPA's flash kernel, whose

@@ -46,6 +46,8 @@ def test_fused_path_is_taken_only_where_it_applies():
     trained_base = LoraLinear(nn.Linear(48, 80), r=4, lora_alpha=8)
     trained_base.base.weight.requires_grad_(True)  # the function gives the weight no gradient
     assert not trained_base._fusable(x, torch.float32)
+    plain.fused = False  # train.fused_lora: false
+    assert not plain._fusable(x, torch.float32)
 
 
 def test_no_input_gradient_when_the_input_needs_none():

@@ -93,16 +93,17 @@ def test_resume_mid_epoch_with_accumulation_is_bitwise_identical(tmp_path):
 
 def test_fast_and_plain_paths_learn_the_same(tmp_path):
     """The speed switches (bf16 LoRA matmuls, eager attention, head at supervised positions only,
-    padding-free micro-batches, lean RMSNorm/SwiGLU) against the plain path (fp32 LoRA matmuls,
-    SDPA, full-sequence head, padded batches, transformers' modules) on a bf16 base: same seed,
+    padding-free micro-batches, lean RMSNorm/SwiGLU, fused LoRA function) against the plain path
+    (fp32 LoRA matmuls, SDPA, full-sequence head, padded batches, transformers' modules, unfused
+    LoRA) on a bf16 base: same seed,
     same data, final losses within 2%. LoRA dropout is off: a packed row draws other dropout masks
     than a padded batch, and at this learning rate two dropout streams alone end far apart."""
     finals = {}
     for name, switches in {
         "fast": dict(lora_compute="base", attn_implementation="eager", loss_on_supervised_only=True,
-                     padding_free=True, lean_activations=True),
+                     padding_free=True, lean_activations=True, fused_lora=True),
         "plain": dict(lora_compute="fp32", attn_implementation="sdpa", loss_on_supervised_only=False,
-                      padding_free=False, lean_activations=False),
+                      padding_free=False, lean_activations=False, fused_lora=False),
     }.items():
         (tmp_path / name).mkdir()
         model = tiny.tiny_llama()
