@@ -2,9 +2,9 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/serve_throughput.py [--tokens 32] [--requests 64]
 
-On the bundled SmolLM2-135M-Instruct (`lorakit.models.load_base`, fp32 or `--dtype bf16`, CPU), with 16 LoRA
-adapters (r=16, alpha=32, q_proj and v_proj, random non-zero B) built here, the same chat
-prompts are answered by four systems, each at concurrency 1 and 32:
+On the bundled SmolLM2-135M-Instruct (`lorakit.models.load_base`, fp32 or `--dtype bf16`, CPU),
+with 16 LoRA adapters (r=16, alpha=32, q_proj and v_proj, random non-zero B) built here, the same
+chat prompts are answered by five systems, each at concurrency 1 and 32:
 
   (a) merged   one adapter merged into the base weights, served by lorakit's engine (no LoRA
                layers at all: the cost floor for serving one adapter);
@@ -22,10 +22,11 @@ per adapter and its keys and values reused. (c') shows what that is worth; PEFT 
 lorakit systems run closed-loop clients: `concurrency` threads, each submitting its next request
 when the previous one finishes, through `Engine.submit` (the HTTP layer is not in the loop).
 Every request generates exactly `--tokens` tokens (end of turn ignored), greedy. A warm-up per
-system (one short request per adapter it uses) is not timed, and the lorakit systems alternate in
-`--rounds` rounds so that changes in machine load fall on all of them alike. Reported: output tokens/s, p50/p95 request latency, and the
-target ratios: (c)/(a) tokens/s at concurrency 32 (target >= 0.8), (c)/(d) tokens/s at 32
-(target >= 3), (b)/(a) p50 latency at concurrency 1 (target <= 1.15).
+system (one short request per adapter it uses) is not timed, and all systems, PEFT included,
+alternate in `--rounds` rounds so that changes in machine load fall on all of them alike.
+Reported: output tokens/s, p50/p95 request latency, and the target ratios: (c)/(a) tokens/s at
+concurrency 32 (target >= 0.8), (c)/(d) tokens/s at 32 (target >= 3), (b)/(a) p50 latency at
+concurrency 1 (target <= 1.15).
 Writes benchmarks/results/serve_throughput.json.
 """
 
@@ -135,7 +136,8 @@ def run_peft(peft_model, tokenizer, jobs, concurrency: int, max_tokens: int) -> 
                                   pad_token_id=tokenizer.pad_token_id)
         assert out.shape[1] == width + max_tokens
         latencies += [time.monotonic() - t0] * len(chunk)
-    return summarize(latencies, len(jobs) * max_tokens, time.monotonic() - start)
+    return {**summarize(latencies, len(jobs) * max_tokens, time.monotonic() - start),
+            "latencies": latencies}
 
 
 def main() -> int:
@@ -198,39 +200,6 @@ def main() -> int:
     systems = {"merged": (engine_a, lambda i: None), "single": (engine_lora, lambda i: names[0]),
                "mixed16": (engine_lora, lambda i: names[i % len(names)]),
                "mixed16-nopc": (engine_nopc, lambda i: names[i % len(names)])}
-    for conc, n_req in [(1, args.requests_c1), (32, args.requests)]:
-        ps = prompts(tokenizer, n_req)
-        jobs = {label: [(ps[i], pick(i)) for i in range(n_req)] for label, (_, pick) in systems.items()}
-        for label, (engine, _) in systems.items():
-            # Warm-up, not timed: one short request per adapter the run uses, so every adapter
-            # is resident (cold loads are measured by the tests' cache counters, not here).
-            engine.start()
-            warm = list({a: (ids, a) for ids, a in jobs[label]}.values())
-            run_engine(engine, warm, min(conc, len(warm)), 2)
-            engine.stop()
-        # Systems alternate round by round, so a change in machine load hits all of them alike.
-        latencies = {label: [] for label in systems}
-        wall = {label: 0.0 for label in systems}
-        per_round = max(conc, n_req // args.rounds)
-        for start in range(0, n_req, per_round):
-            for label, (engine, _) in systems.items():
-                engine.start()
-                res = run_engine(engine, jobs[label][start: start + per_round], conc, args.tokens)
-                engine.stop()
-                latencies[label] += res.pop("latencies")
-                wall[label] += res["wall_s"]
-        for label in systems:
-            res = summarize(latencies[label], len(latencies[label]) * args.tokens, wall[label])
-            results["runs"][f"{label}@{conc}"] = res
-            print(f"{label:8s} c={conc:<3d} {res['tokens_per_s']:8.1f} tok/s  p50 {res['p50_s']:.3f} s"
-                  f"  p95 {res['p95_s']:.3f} s", flush=True)
-    hits = {label: (e.prefix.hit_tokens, e.prefix.queried_tokens) for label, e in
-            (("merged", engine_a), ("lora", engine_lora)) if e.prefix is not None}
-    results["prefix_cache_hit_tokens"] = hits
-    for label, (hit, queried) in hits.items():
-        print(f"prefix cache ({label} engine): {hit} of {queried} prompt tokens reused")
-    del served, engine_lora, engine_nopc, merged, engine_a
-
     if not args.skip_peft:
         from peft import PeftModel
 
@@ -238,14 +207,46 @@ def main() -> int:
         for d in dirs[1:]:
             peft_model.load_adapter(str(d), adapter_name=d.name)
         peft_model.eval()
-        for conc, n_req in [(1, args.requests_c1), (32, args.requests)]:
-            ps = prompts(tokenizer, n_req)
-            jobs = [(ps[i], names[i % len(names)]) for i in range(n_req)]
-            run_peft(peft_model, tokenizer, jobs[: min(len(jobs), conc)], conc, 4)  # warm-up
-            res = run_peft(peft_model, tokenizer, jobs, conc, args.tokens)
-            results["runs"][f"peft@{conc}"] = res
-            print(f"{'peft':8s} c={conc:<3d} {res['tokens_per_s']:8.1f} tok/s  p50 {res['p50_s']:.3f} s"
+        systems["peft"] = (peft_model, lambda i: names[i % len(names)])
+
+    def run(label, jobs, conc, max_tokens):
+        target = systems[label][0]
+        if label == "peft":
+            return run_peft(target, tokenizer, jobs, conc, max_tokens)
+        target.start()
+        try:
+            return run_engine(target, jobs, conc, max_tokens)
+        finally:
+            target.stop()
+
+    for conc, n_req in [(1, args.requests_c1), (32, args.requests)]:
+        ps = prompts(tokenizer, n_req)
+        jobs = {label: [(ps[i], pick(i)) for i in range(n_req)] for label, (_, pick) in systems.items()}
+        for label in systems:
+            # Warm-up, not timed: one short request per adapter the run uses, so every adapter
+            # is resident (cold loads are measured by the tests' cache counters, not here).
+            warm = list({a: (ids, a) for ids, a in jobs[label]}.values())
+            run(label, warm, min(conc, len(warm)), 2)
+        # Systems alternate round by round, PEFT included, so a change in machine load hits all
+        # of them alike.
+        latencies = {label: [] for label in systems}
+        wall = {label: 0.0 for label in systems}
+        per_round = max(conc, n_req // args.rounds)
+        for start in range(0, n_req, per_round):
+            for label in systems:
+                res = run(label, jobs[label][start: start + per_round], conc, args.tokens)
+                latencies[label] += res.pop("latencies")
+                wall[label] += res["wall_s"]
+        for label in systems:
+            res = summarize(latencies[label], len(latencies[label]) * args.tokens, wall[label])
+            results["runs"][f"{label}@{conc}"] = res
+            print(f"{label:12s} c={conc:<3d} {res['tokens_per_s']:8.1f} tok/s  p50 {res['p50_s']:.3f} s"
                   f"  p95 {res['p95_s']:.3f} s", flush=True)
+    hits = {label: (e.prefix.hit_tokens, e.prefix.queried_tokens) for label, e in
+            (("merged", engine_a), ("lora", engine_lora)) if e.prefix is not None}
+    results["prefix_cache_hit_tokens"] = hits
+    for label, (hit, queried) in hits.items():
+        print(f"prefix cache ({label} engine): {hit} of {queried} prompt tokens reused")
 
     runs = results["runs"]
     ratios = {
