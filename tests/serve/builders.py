@@ -17,6 +17,7 @@ from lorakit.serve.cache import AdapterCache
 from lorakit.serve.engine import Engine
 from lorakit.serve.layer import wrap_for_serving
 from lorakit.serve.registry import AdapterRegistry
+from lorakit.serve.sampling import SamplingParams
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -75,3 +76,15 @@ def served(base, tokenizer, root: Path, max_loras: int = 4, max_cpu_loras: int =
     engine = Engine(model, tokenizer, batch, cache, max_running=max_running,
                     prefix_cache=prefix_cache)
     return engine, cache, registry
+
+
+def greedy(n: int) -> SamplingParams:
+    """Exactly n greedy tokens (end of turn ignored)."""
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def run_all(engine, reqs):
+    """Step an engine that was not started until every request is done."""
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
+    return reqs

@@ -12,16 +12,12 @@ from lorakit.serve import cli_adapters
 from lorakit.serve.cache import UnknownAdapter
 from lorakit.serve.engine import Request
 from lorakit.serve.registry import AdapterRegistry, check_name, resolve_under
-from lorakit.serve.sampling import SamplingParams
-from tests.serve.builders import make_adapter, served
+from tests.serve.builders import greedy, make_adapter, served
 
 PROBES = ["the quick brown fox", "is this bike still available?", "hello world",
           "what condition is the sofa in", "ignore previous instructions", "0123456789",
           "can you do 50 dollars", "classify the intent"]
 
-
-def _greedy(n):
-    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
 def test_registry_records_metadata(llama, tmp_path):
@@ -109,7 +105,7 @@ def test_64_concurrent_requests_over_8_adapters(llama, tokenizer, tmp_path):
         registry.add(name, make_adapter(llama, tmp_path / name, seed=100 + i, r=2 + i % 4))
     prompts = [tokenizer(p)["input_ids"] for p in PROBES]
     jobs = [(name, k) for name in names for k in range(8)]
-    sequential = {job: engine.generate(prompts[job[1]], job[0], _greedy(8)).output_ids for job in jobs}
+    sequential = {job: engine.generate(prompts[job[1]], job[0], greedy(8)).output_ids for job in jobs}
     for k in range(8):  # every adapter answers every probe its own way
         assert len({tuple(sequential[(n, k)]) for n in names}) == 8
 
@@ -118,7 +114,7 @@ def test_64_concurrent_requests_over_8_adapters(llama, tokenizer, tmp_path):
         results, order = {}, jobs[::-1][::3] + [j for j in jobs[::-1] if j not in jobs[::-1][::3]]
 
         def client(part):
-            reqs = [(job, engine.submit(Request(prompts[job[1]], job[0], _greedy(8)))) for job in part]
+            reqs = [(job, engine.submit(Request(prompts[job[1]], job[0], greedy(8)))) for job in part]
             for job, req in reqs:
                 results[job] = req.wait(60).output_ids
 

@@ -7,20 +7,13 @@ import torch
 from lorakit.errors import AdapterError
 from lorakit.serve.engine import Request
 from lorakit.serve.sampling import SamplingParams
-from tests.serve.builders import greedy_reference, make_adapter, merged_model, served
+from tests.serve.builders import (greedy, greedy_reference, make_adapter, merged_model, run_all,
+                                  served)
 
 PROMPTS = ["the quick brown fox", "is this bike still available? can you do 50",
            "hello", "what colour is it and how big is the table"]
 
 
-def _greedy(n):
-    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-
-
-def _run(engine, reqs):
-    while not all(r.done.is_set() for r in reqs):
-        engine.step()
-    return reqs
 
 
 @pytest.fixture
@@ -36,9 +29,9 @@ def three(llama, tokenizer, tmp_path):
 def test_mixed_batch_equals_each_adapter_merged(three, llama, tokenizer):
     engine, _, dirs = three
     n = 10
-    reqs = [engine.submit(Request(tokenizer(p)["input_ids"], a, _greedy(n)))
+    reqs = [engine.submit(Request(tokenizer(p)["input_ids"], a, greedy(n)))
             for p in PROMPTS for a in [None, "a0", "a1", "a2"]]
-    _run(engine, reqs)
+    run_all(engine, reqs)
     merged = {a: merged_model(llama, dirs[a] if a else None) for a in [None, "a0", "a1", "a2"]}
     for r in reqs:
         assert r.output_ids == greedy_reference(merged[r.adapter], r.prompt_ids, n), (r.adapter,)
@@ -51,19 +44,19 @@ def test_requests_join_and_leave_between_steps(three, tokenizer):
     engine, _, _ = three
     alone = {}
     for p, a, n in [(PROMPTS[0], "a0", 12), (PROMPTS[1], "a1", 4), (PROMPTS[2], None, 6)]:
-        alone[(p, a)] = engine.generate(tokenizer(p)["input_ids"], a, _greedy(n)).output_ids
-    first = engine.submit(Request(tokenizer(PROMPTS[0])["input_ids"], "a0", _greedy(12)))
+        alone[(p, a)] = engine.generate(tokenizer(p)["input_ids"], a, greedy(n)).output_ids
+    first = engine.submit(Request(tokenizer(PROMPTS[0])["input_ids"], "a0", greedy(12)))
     engine.step()
     engine.step()
     assert len(engine.running) == 1 and len(first.output_ids) == 3
-    second = engine.submit(Request(tokenizer(PROMPTS[1])["input_ids"], "a1", _greedy(4)))
+    second = engine.submit(Request(tokenizer(PROMPTS[1])["input_ids"], "a1", greedy(4)))
     engine.step()  # joins: prefill gives its first token, the shared decode step its second
     assert len(engine.running) == 2 and len(second.output_ids) == 2
-    third = engine.submit(Request(tokenizer(PROMPTS[2])["input_ids"], None, _greedy(6)))
+    third = engine.submit(Request(tokenizer(PROMPTS[2])["input_ids"], None, greedy(6)))
     engine.step()
     engine.step()
     assert second.finish_reason == "length" and len(engine.running) == 2  # second left
-    _run(engine, [first, third])
+    run_all(engine, [first, third])
     assert engine.running == [] and engine.kv.rows == 0
     assert first.output_ids == alone[(PROMPTS[0], "a0")]
     assert second.output_ids == alone[(PROMPTS[1], "a1")]
@@ -77,19 +70,19 @@ def test_seeded_sampling_is_independent_of_the_batch(three, tokenizer):
     alone = engine.generate(ids, "a1", SamplingParams(seed=7, **params)).output_ids
     reqs = [engine.submit(Request(ids, a, SamplingParams(seed=s, **params)))
             for a, s in [("a0", 1), ("a1", 7), (None, 3), ("a1", 8)]]
-    _run(engine, reqs)
+    run_all(engine, reqs)
     assert reqs[1].output_ids == alone
     assert reqs[3].output_ids != alone  # another seed draws another sequence
-    greedy = engine.generate(ids, "a1", _greedy(12)).output_ids
+    greedy_ids = engine.generate(ids, "a1", greedy(12)).output_ids
     top1 = engine.generate(ids, "a1", SamplingParams(max_tokens=12, temperature=0.7, top_k=1,
                                                       seed=5, ignore_eos=True)).output_ids
-    assert top1 == greedy
+    assert top1 == greedy_ids
 
 
 def test_stop_string_end_of_turn_and_length(three, tokenizer):
     engine, _, _ = three
     ids = tokenizer(PROMPTS[0])["input_ids"]
-    full = engine.generate(ids, "a2", _greedy(10))
+    full = engine.generate(ids, "a2", greedy(10))
     assert full.finish_reason == "length" and len(full.output_ids) == 10
     text = full.text
     stop = text[len(text) // 2: len(text) // 2 + 2]
@@ -106,9 +99,9 @@ def test_stop_string_end_of_turn_and_length(three, tokenizer):
 def test_streamed_text_adds_up(three, tokenizer):
     engine, _, _ = three
     pieces = []
-    req = Request(tokenizer(PROMPTS[1])["input_ids"], "a0", _greedy(15),
+    req = Request(tokenizer(PROMPTS[1])["input_ids"], "a0", greedy(15),
                   on_event=lambda kind, x: pieces.append(x) if kind == "text" else None)
-    _run(engine, [engine.submit(req)])
+    run_all(engine, [engine.submit(req)])
     assert len(pieces) > 1 and "".join(pieces) == req.text
 
 
@@ -123,10 +116,10 @@ def test_bad_adapter_fails_only_its_requests(three, llama, tokenizer, tmp_path):
     tensors[key][0, 0] = float("nan")  # ... and corrupted before it is first loaded
     save_file(tensors, str(bad / "adapter_model.safetensors"))
     ids = tokenizer(PROMPTS[0])["input_ids"]
-    good = engine.submit(Request(ids, "a0", _greedy(5)))
-    broken = engine.submit(Request(ids, "bad", _greedy(5)))
-    base = engine.submit(Request(ids, None, _greedy(5)))
-    _run(engine, [good, broken, base])
+    good = engine.submit(Request(ids, "a0", greedy(5)))
+    broken = engine.submit(Request(ids, "bad", greedy(5)))
+    base = engine.submit(Request(ids, None, greedy(5)))
+    run_all(engine, [good, broken, base])
     with pytest.raises(AdapterError, match="NaN"):
         broken.wait()
     assert good.wait().finish_reason == "length" and base.wait().finish_reason == "length"
@@ -138,12 +131,12 @@ def test_requests_wait_when_every_slot_is_busy(llama, tokenizer, tmp_path):
     for i in range(2):
         registry.add(f"s{i}", make_adapter(llama, tmp_path / f"s{i}", seed=i))
     ids = tokenizer(PROMPTS[0])["input_ids"]
-    r0 = engine.submit(Request(ids, "s0", _greedy(4)))
-    r1 = engine.submit(Request(ids, "s1", _greedy(4)))
-    r2 = engine.submit(Request(ids, "s0", _greedy(4)))
+    r0 = engine.submit(Request(ids, "s0", greedy(4)))
+    r1 = engine.submit(Request(ids, "s1", greedy(4)))
+    r2 = engine.submit(Request(ids, "s0", greedy(4)))
     engine.step()
     assert [r.adapter for r in engine.running] == ["s0", "s0"] and list(engine.waiting) == [r1]
-    _run(engine, [r0, r1, r2])
+    run_all(engine, [r0, r1, r2])
     assert r0.output_ids == r2.output_ids != r1.output_ids
     snap = cache.snapshot()
     assert snap["slot_evictions"] == 1 and snap["slots"] == {"s1": 0}
@@ -169,7 +162,7 @@ def test_per_module_rank_and_alpha_served_as_merged(llama, tokenizer, tmp_path):
     engine, cache, registry = served(llama, tokenizer, tmp_path)
     registry.add("pat", path)
     n = 8
-    reqs = _run(engine, [engine.submit(Request(tokenizer(p)["input_ids"], a, _greedy(n)))
+    reqs = run_all(engine, [engine.submit(Request(tokenizer(p)["input_ids"], a, greedy(n)))
                          for p in PROMPTS for a in [None, "pat"]])
     merged = {a: merged_model(llama, path if a else None) for a in [None, "pat"]}
     for r in reqs:
@@ -200,7 +193,7 @@ def test_dora_adapter_in_a_mixed_batch_equals_it_merged(llama, tokenizer, tmp_pa
     registry.add("plain", plain)
     n = 8
     names = [None, "dora", "plain"]
-    reqs = _run(engine, [engine.submit(Request(tokenizer(p)["input_ids"], a, _greedy(n)))
+    reqs = run_all(engine, [engine.submit(Request(tokenizer(p)["input_ids"], a, greedy(n)))
                          for p in PROMPTS for a in names])
     merged = {a: merged_model(llama, {"dora": dora, "plain": plain}.get(a)) for a in names}
     for r in reqs:
@@ -225,7 +218,7 @@ def test_nf4_base_serves_qlora_adapters_as_lora_on_that_base(llama, tokenizer, t
     quantize_base_nf4(reference)
     load_adapter(reference, path)
     n = 8
-    reqs = _run(engine, [engine.submit(Request(tokenizer(p)["input_ids"], "q", _greedy(n)))
+    reqs = run_all(engine, [engine.submit(Request(tokenizer(p)["input_ids"], "q", greedy(n)))
                          for p in PROMPTS])
     for r in reqs:
         assert r.output_ids == greedy_reference(reference.eval(), r.prompt_ids, n)

@@ -14,7 +14,7 @@ from lorakit.serve.app import ServerThread, create_app
 from lorakit.serve.config import Limits, ServeConfig
 from lorakit.serve.registry import AdapterRegistry
 from lorakit.serve.service import Service
-from tests.serve.builders import TARGETS, make_adapter
+from tests.serve.builders import TARGETS, greedy, make_adapter
 
 KEY = "sk-test-0123456789"
 
@@ -56,7 +56,7 @@ def test_openai_client(server, tokenizer):
     for model, adapter in [("tiny-base", None), ("ad0", "ad0"), ("ad2", "ad2")]:
         out = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0,
                                         extra_body={"ignore_eos": True})
-        want = service.engine.generate(ids, adapter, _greedy(6))
+        want = service.engine.generate(ids, adapter, greedy(6))
         assert out.choices[0].text == want.text and out.choices[0].finish_reason == "length"
         assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), 6)
     assert "ad2" in [m.id for m in client.models.list().data]  # registered on first use
@@ -66,7 +66,7 @@ def test_openai_client(server, tokenizer):
                                           temperature=0, extra_body={"ignore_eos": True})
     chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                              tokenize=True)["input_ids"]
-    want = service.engine.generate(chat_ids, "ad1", _greedy(5))
+    want = service.engine.generate(chat_ids, "ad1", greedy(5))
     assert chat.choices[0].message.content == want.text and chat.choices[0].message.role == "assistant"
     assert chat.usage.prompt_tokens == len(chat_ids)
 
@@ -82,7 +82,7 @@ def test_openai_client(server, tokenizer):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="ad0", prompt=prompt, max_tokens=6, temperature=0, stream=True,
         extra_body={"ignore_eos": True}))
-    assert streamed == service.engine.generate(ids, "ad0", _greedy(6)).text
+    assert streamed == service.engine.generate(ids, "ad0", greedy(6)).text
 
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="nobody", prompt=prompt, max_tokens=2)
@@ -96,11 +96,6 @@ def test_openai_client(server, tokenizer):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="ad0", prompt=prompt, temperature=5)
 
-
-def _greedy(n):
-    from lorakit.serve.sampling import SamplingParams
-
-    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
 def test_raw_http_hostile_inputs(server, llama):

@@ -7,8 +7,8 @@ import torch
 
 from lorakit.serve.engine import Request
 from lorakit.serve.prefix import PrefixCache
-from lorakit.serve.sampling import SamplingParams
-from tests.serve.builders import greedy_reference, make_adapter, merged_model, served
+from tests.serve.builders import (greedy, greedy_reference, make_adapter, merged_model, run_all,
+                                  served)
 
 BLOCK = 4
 
@@ -53,14 +53,6 @@ def test_least_recently_used_blocks_go_first_when_over_budget():
     PrefixCache(max_bytes=0, block=BLOCK).insert("a", first, _kv(9))  # off: stores nothing
 
 
-def _greedy(n):
-    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-
-
-def _run(engine, reqs):
-    while not all(r.done.is_set() for r in reqs):
-        engine.step()
-    return reqs
 
 
 def test_cached_prefixes_give_each_adapters_merged_tokens(llama, tokenizer, tmp_path):
@@ -76,16 +68,16 @@ def test_cached_prefixes_give_each_adapters_merged_tokens(llama, tokenizer, tmp_
         return system + [rng.randrange(3, 400) for _ in range(n)]
 
     adapters = [None, "a0", "a1"]
-    warm = [engine.submit(Request(prompt(3), a, _greedy(4))) for a in adapters]
-    _run(engine, warm)
+    warm = [engine.submit(Request(prompt(3), a, greedy(4))) for a in adapters]
+    run_all(engine, warm)
     assert prefix.hit_tokens == 0 and len(prefix) == 3 * 4  # 16 tokens each: 4 blocks
     # One step's joiners: short and long suffixes (a row with a long cached prefix and a short
     # suffix uses only part of it), a repeat of a whole prompt, and a prompt with no hit at all.
     prompts = [prompt(1), prompt(9), warm[1].prompt_ids, prompt(2),
                [rng.randrange(3, 400) for _ in range(11)]]
-    reqs = [engine.submit(Request(p, adapters[i % 3], _greedy(6))) for i, p in enumerate(prompts)]
-    reqs.append(engine.submit(Request(warm[1].prompt_ids, "a1", _greedy(6))))  # same tokens, other adapter
-    _run(engine, reqs)
+    reqs = [engine.submit(Request(p, adapters[i % 3], greedy(6))) for i, p in enumerate(prompts)]
+    reqs.append(engine.submit(Request(warm[1].prompt_ids, "a1", greedy(6))))  # same tokens, other adapter
+    run_all(engine, reqs)
     assert prefix.hit_tokens >= 4 * 12  # every prompt but the last two hit the 12 shared tokens
     merged = {a: merged_model(llama, dirs[a] if a else None) for a in adapters}
     for r in warm + reqs:
@@ -104,8 +96,8 @@ def test_prefix_cache_changes_no_logit(llama, tokenizer, tmp_path):
         registry.add("a", d)
         seen = []
         engine._take = lambda reqs, lg, take=engine._take: (seen.append(lg.clone()), take(reqs, lg))[1]
-        _run(engine, [engine.submit(Request(system + [5, 6], "a", _greedy(1)))])
-        _run(engine, [engine.submit(Request(system + [7, 8, 9], "a", _greedy(1)))])
+        run_all(engine, [engine.submit(Request(system + [5, 6], "a", greedy(1)))])
+        run_all(engine, [engine.submit(Request(system + [7, 8, 9], "a", greedy(1)))])
         logits[label] = seen[-1]
         assert (prefix is None) or prefix.hit_tokens == 16
     torch.testing.assert_close(logits["cached"], logits["plain"], rtol=1e-5, atol=1e-5)
@@ -118,13 +110,13 @@ def test_a_reloaded_adapter_does_not_reuse_its_old_blocks(llama, tokenizer, tmp_
     engine, cache, registry = served(llama, tokenizer, tmp_path, prefix_cache=prefix)
     registry.add("x", first)
     ids = list(range(40, 60))
-    a = engine.generate(ids, "x", _greedy(5)).output_ids
+    a = engine.generate(ids, "x", greedy(5)).output_ids
     cache.unload("x")
     registry.remove("x")
     registry.add("x", other)  # same name, other weights
-    b = engine.generate(ids, "x", _greedy(5)).output_ids
+    b = engine.generate(ids, "x", greedy(5)).output_ids
     assert prefix.hit_tokens == 0
     assert a == greedy_reference(merged_model(llama, first), ids, 5)
     assert b == greedy_reference(merged_model(llama, other), ids, 5)
-    assert engine.generate(ids, "x", _greedy(5)).output_ids == b
+    assert engine.generate(ids, "x", greedy(5)).output_ids == b
     assert prefix.hit_tokens == 16  # the same weights again: their blocks are used
