@@ -242,7 +242,7 @@ def main() -> int:
             results["runs"][f"{label}@{conc}"] = res
             print(f"{label:12s} c={conc:<3d} {res['tokens_per_s']:8.1f} tok/s  p50 {res['p50_s']:.3f} s"
                   f"  p95 {res['p95_s']:.3f} s", flush=True)
-    hits = {label: (e.prefix.hit_tokens, e.prefix.queried_tokens) for label, e in
+    hits = {label: (e.prefix_hit_tokens, e.prompt_tokens) for label, e in
             (("merged", engine_a), ("lora", engine_lora)) if e.prefix is not None}
     results["prefix_cache_hit_tokens"] = hits
     for label, (hit, queried) in hits.items():

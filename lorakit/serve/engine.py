@@ -5,9 +5,10 @@ step admits waiting requests up to `max_running` (a request whose adapter cannot
 because every slot is held by running requests stays queued), prefills the newcomers as one
 left-padded batch (two when some of them start with a prefix the `PrefixCache` holds: those
 compute only the rest of their prompt), joins them to the running batch's cache, runs one
-decode step for every row, and retires the rows that finished. A request that arrives while others decode therefore joins at
-the next step, and a finished one leaves at once. Rows of different adapters share each forward
-pass through the per-row slot index of `MultiLoraLinear` (lorakit/serve/layer.py).
+decode step for every row, and retires the rows that finished. A request that arrives while
+others decode therefore joins at the next step, and a finished one leaves at once. Rows of
+different adapters share each forward pass through the per-row slot index of `MultiLoraLinear`
+(lorakit/serve/layer.py).
 
 One engine thread owns the model, the KV cache and the adapter slots. Other threads `submit`
 requests and receive events through each request's `on_event` callback; admin operations that
@@ -103,6 +104,7 @@ class Engine:
         self._stop = False
         # Counters read by /metrics.
         self.prompt_tokens = 0
+        self.prefix_hit_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self.generated_tokens = 0
         self.finished: collections.Counter[str] = collections.Counter()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
@@ -248,12 +250,12 @@ class Engine:
         """Prefill the newcomers and join them to the running batch. With a prefix cache, the
         ones with a cached prefix run as their own group, from the end of that prefix."""
         if self.prefix is None:
-            self._prefill_group(joiners, [None] * len(joiners), [None] * len(joiners))
+            self._prefill_group(joiners, [[] for _ in joiners], [None] * len(joiners))
             return
         keys = [self._prefix_key(r) for r in joiners]
         found = [self.prefix.match(k, r.prompt_ids) for k, r in zip(keys, joiners)]
-        hit = [i for i, f in enumerate(found) if f is not None]
-        miss = [i for i, f in enumerate(found) if f is None]
+        hit = [i for i, f in enumerate(found) if f]
+        miss = [i for i, f in enumerate(found) if not f]
         for group in (hit, miss):
             if group:
                 self._prefill_group([joiners[i] for i in group], [found[i] for i in group],
@@ -262,8 +264,10 @@ class Engine:
     def _prefix_key(self, req: Request):
         return None if req.adapter is None else self.adapters.weights_key(req.adapter)
 
-    def _prefill_group(self, joiners: list[Request], cached: list, keys: list) -> None:
-        """One left-padded forward over the joiners' uncached tokens.
+    def _prefill_group(self, joiners: list[Request], cached: list[list[torch.Tensor]], keys: list
+                       ) -> None:
+        """One left-padded forward over the joiners' uncached tokens (`cached`: each one's
+        prefix cache blocks).
 
         Every row computes the same number S of new tokens (the most any row needs); a row with
         a longer cached prefix than it then needs uses only its first L - S cached tokens. So the
@@ -273,7 +277,7 @@ class Engine:
         from transformers import DynamicCache
 
         lengths = [len(r.prompt_ids) for r in joiners]
-        have = [0 if c is None else c.shape[3] for c in cached]
+        have = [sum(b.shape[3] for b in blocks) for blocks in cached]
         new = max(n - h for n, h in zip(lengths, have))
         used = [max(n - new, 0) for n in lengths]
         past = max(used)
@@ -294,6 +298,7 @@ class Engine:
                     self.adapters.release(r.adapter)
             return
         self.prompt_tokens += sum(lengths)
+        self.prefix_hit_tokens += past and sum(used)
         if self.prefix is not None:
             self._remember(joiners, keys, cache)
         self.kv.join(cache, lengths)
@@ -305,15 +310,20 @@ class Engine:
         return (cols[None] >= torch.tensor([past - u for u in used], device=self.device)[:, None]
                 ).long()
 
-    def _past_kv(self, cached: list, used: list[int], past: int):
+    def _past_kv(self, cached: list[list[torch.Tensor]], used: list[int], past: int):
         """Per layer (keys, values) (J, kv heads, past, head dim): row i's first used[i] cached
-        tokens right-aligned, zeros (masked) before them."""
-        like = next(c for c, u in zip(cached, used) if u)
+        tokens, copied from its blocks, right-aligned, zeros (masked) before them."""
+        like = next(blocks[0] for blocks, u in zip(cached, used) if u)
         n_layers, _, heads, _, dim = like.shape
         kv = like.new_zeros(n_layers, 2, len(cached), heads, past, dim)
-        for i, (c, u) in enumerate(zip(cached, used)):
-            if u:
-                kv[:, :, i, :, past - u:] = c[:, :, :, :u].to(kv.device)
+        for i, (blocks, u) in enumerate(zip(cached, used)):
+            col = past - u
+            for block in blocks:
+                n = min(block.shape[3], past - col)
+                if n <= 0:
+                    break
+                kv[:, :, i, :, col:col + n] = block[:, :, :, :n]
+                col += n
         return [(kv[layer, 0], kv[layer, 1]) for layer in range(n_layers)]
 
     def _remember(self, joiners: list[Request], keys: list, cache) -> None:

@@ -78,10 +78,8 @@ def render(engine, cache_snapshot: dict | None, http: HttpCounters, slot_bytes: 
     prefix = engine.prefix
     if prefix is not None:
         w.metric("lorakit_prefix_cache_hit_tokens_total", "counter",
-                 "Prompt tokens whose keys and values came from the prefix cache",
-                 [({}, prefix.hit_tokens)])
-        w.metric("lorakit_prefix_cache_queried_tokens_total", "counter",
-                 "Prompt tokens looked up in the prefix cache", [({}, prefix.queried_tokens)])
+                 "Prompt tokens whose keys and values came from the prefix cache (of "
+                 "lorakit_prompt_tokens_total)", [({}, engine.prefix_hit_tokens)])
         w.metric("lorakit_prefix_cache_bytes", "gauge", "Bytes held by the prefix cache",
                  [({}, prefix.nbytes)])
         w.metric("lorakit_prefix_cache_blocks", "gauge", "Blocks held by the prefix cache",

@@ -45,10 +45,7 @@ class PrefixCache:
         self._blocks: collections.OrderedDict[tuple, _Block] = collections.OrderedDict()
         self._ids = itertools.count(1)
         self.nbytes = 0
-        # Counters for /metrics.
-        self.hit_tokens = 0  # prompt tokens whose keys and values came from the cache
-        self.queried_tokens = 0  # prompt tokens of every prompt looked up
-        self.evictions = 0
+        self.evictions = 0  # for /metrics, with the engine's count of reused tokens
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -64,18 +61,13 @@ class PrefixCache:
             yield key, entry
             parent = entry.id
 
-    def match(self, adapter_key, tokens: list[int]) -> torch.Tensor | None:
-        """Keys and values (layers, 2, kv heads, n, head dim) of the longest cached prefix of
-        `tokens`, n a multiple of the block and below len(tokens); None when nothing matches."""
-        self.queried_tokens += len(tokens)
+    def match(self, adapter_key, tokens: list[int]) -> list[torch.Tensor]:
+        """The blocks of the longest cached prefix of `tokens` shorter than `tokens`, in order,
+        each (layers, 2, kv heads, block, head dim); empty when nothing matches."""
         usable = (len(tokens) - 1) // self.block
         chain = list(self._keys(adapter_key, tokens, usable))
-        if not chain:
-            return None
         self._touch([key for key, _ in chain])
-        found = [entry.kv for _, entry in chain]
-        self.hit_tokens += len(found) * self.block
-        return found[0] if len(found) == 1 else torch.cat(found, dim=3)
+        return [entry.kv for _, entry in chain]
 
     def insert(self, adapter_key, tokens: list[int], kv_of) -> int:
         """Store the whole blocks of `tokens` not stored yet; `kv_of(start, end)` gives the keys
