@@ -298,7 +298,7 @@ class Engine:
                     self.adapters.release(r.adapter)
             return
         self.prompt_tokens += sum(lengths)
-        self.prefix_hit_tokens += past and sum(used)
+        self.prefix_hit_tokens += sum(used)
         if self.prefix is not None:
             self._remember(joiners, keys, cache)
         self.kv.join(cache, lengths)
