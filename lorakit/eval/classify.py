@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.models.head import contiguous_head_input
 from lorakit.models.load import cache_of, with_cache
 
 
@@ -213,6 +214,7 @@ def predict_labels(model, tokenizer, prompts: list[list[int]], labels: list[str]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer, end_token_id)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     predictions: list[str | None] = [None] * len(prompts)
+    contiguous_head_input(model)  # the last-position logits of each prefill (lorakit/models/head.py)
     was_training = model.training
     model.eval()
     try:

@@ -23,6 +23,7 @@ import torch
 
 from lorakit.errors import ModelLoadError
 from lorakit.models.gguf_cache import FROM_PRETRAINED_LOCK, convert_gguf
+from lorakit.models.head import contiguous_head_input
 from lorakit.models.identity import base_identity
 
 if TYPE_CHECKING:
@@ -208,6 +209,7 @@ def load_base(spec: str | Path, dtype: torch.dtype = torch.float32,
     model = _load_hf_model(model_dir, dtype)
     tokenizer = load_tokenizer(model_dir)
     model = model.to(device).eval()
+    contiguous_head_input(model)
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         # generate() otherwise warns on every call and pads with eos anyway.
         model.generation_config.pad_token_id = tokenizer.pad_token_id

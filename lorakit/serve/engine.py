@@ -27,6 +27,7 @@ from concurrent.futures import Future
 import torch
 
 from lorakit.errors import AdapterError, LorakitError
+from lorakit.models.head import contiguous_head_input
 from lorakit.models.load import cache_of, with_cache
 from lorakit.serve.cache import AdapterCache
 from lorakit.serve.kvcache import BatchKV, left_pad, positions_from_mask
@@ -84,6 +85,7 @@ class Engine:
     def __init__(self, model, tokenizer, batch: SlotBatch, adapters: AdapterCache | None,
                  max_running: int = 32, max_waiting: int = 256, max_model_len: int | None = None,
                  prefix_cache: PrefixCache | None = None):
+        contiguous_head_input(model)  # else each prefill's head product is a batched copy (bf16: seconds)
         self.model = model
         self.tokenizer = tokenizer
         self.batch = batch
