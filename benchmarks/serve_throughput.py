@@ -2,9 +2,10 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/serve_throughput.py [--tokens 32] [--requests 64]
 
-On the bundled SmolLM2-135M-Instruct (`lorakit.models.load_base`, fp32 or `--dtype bf16`, CPU),
-with 16 LoRA adapters (r=16, alpha=32, q_proj and v_proj, random non-zero B) built here, the same
-chat prompts are answered by five systems, each at concurrency 1 and 32:
+On the bundled SmolLM2-135M-Instruct on the CPU, in the server's default dtype (`--dtype auto`:
+bf16 where the CPU multiplies bf16 natively, else fp32; or `--dtype fp32|bf16`, every system
+alike), with 16 LoRA adapters (r=16, alpha=32, q_proj and v_proj, random non-zero B) built here,
+the same chat prompts are answered by these systems, each at concurrency 1 and 32:
 
   (a) merged   one adapter merged into the base weights, served by lorakit's engine (no LoRA
                layers at all: the cost floor for serving one adapter);
@@ -13,7 +14,11 @@ chat prompts are answered by five systems, each at concurrency 1 and 32:
   (c') mixed16-nopc  (c) with lorakit's prefix cache off;
   (d) peft     PEFT's mixed-batch `generate(..., adapter_names=[...])` over the same 16
                adapters: static batches of `concurrency` requests (the whole batch finishes
-               together), left-padded, greedy.
+               together), left-padded, greedy; the base loaded as a PEFT user loads it
+               (`AutoModelForCausalLM.from_pretrained` on the same converted directory);
+  (d') peft+head  (d) with lorakit's fix for PyTorch's slow frozen-head product on a sliced
+               input (`lorakit.models.contiguous_head_input`; without it, each of PEFT's batched
+               prefills copies the 49,152 x 576 head once per row, seconds in bf16).
 
 The lorakit systems (a)-(c) run with the server's default prefix cache (`--prefix-cache-mb`, 256
 MiB): the chat template's system turn, about 24 tokens shared by every prompt, is prefilled once
@@ -151,8 +156,9 @@ def main() -> int:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--prefix-cache-mb", type=int, default=256,
                     help="lorakit's prefix cache for (a)-(c); 0 turns it off")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="base weights and compute for every system (PEFT included)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="base weights and compute for every system, PEFT included (auto: as "
+                         "`lorakit serve` picks it)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_throughput.json"))
     args = ap.parse_args()
 
@@ -169,9 +175,10 @@ def main() -> int:
         return PrefixCache(args.prefix_cache_mb * 2**20) if args.prefix_cache_mb else None
 
     torch.manual_seed(0)
-    from lorakit.device import dtype_of
+    from lorakit.device import resolve_dtype
 
-    base, tokenizer = load_base(MODEL, dtype=dtype_of(args.dtype), device="cpu")
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    base, tokenizer = load_base(MODEL, dtype=dtype, device="cpu")
     tmp = Path(tempfile.mkdtemp(prefix="lorakit-serve-bench-"))
     dirs = build_adapters(base, tmp, args.adapters, args.r)
     names = [d.name for d in dirs]
@@ -193,7 +200,7 @@ def main() -> int:
     engine_lora = Engine(served, tokenizer, batch, cache, max_running=64, prefix_cache=prefix_cache())
     engine_nopc = Engine(served, tokenizer, batch, cache, max_running=64)
 
-    results: dict = {"model": MODEL, "dtype": args.dtype, "tokens_per_request": args.tokens,
+    results: dict = {"model": MODEL, "dtype": str(dtype).removeprefix("torch."), "tokens_per_request": args.tokens,
                      "adapters": args.adapters,
                      "r": args.r, "prefix_cache_mb": args.prefix_cache_mb,
                      "torch_threads": torch.get_num_threads(), "runs": {}}
@@ -202,16 +209,24 @@ def main() -> int:
                "mixed16-nopc": (engine_nopc, lambda i: names[i % len(names)])}
     if not args.skip_peft:
         from peft import PeftModel
+        from transformers import AutoModelForCausalLM
 
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(dirs[0]), adapter_name=names[0])
-        for d in dirs[1:]:
-            peft_model.load_adapter(str(d), adapter_name=d.name)
-        peft_model.eval()
-        systems["peft"] = (peft_model, lambda i: names[i % len(names)])
+        from lorakit.models import contiguous_head_input, resolve_model_dir
+
+        peer_base = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(MODEL)), dtype=dtype)
+        for label, fix in (("peft", False), ("peft+head", True)):
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(peer_base), str(dirs[0]),
+                                                   adapter_name=names[0])
+            for d in dirs[1:]:
+                peft_model.load_adapter(str(d), adapter_name=d.name)
+            peft_model.eval()
+            if fix:
+                contiguous_head_input(peft_model.get_base_model())
+            systems[label] = (peft_model, lambda i: names[i % len(names)])
 
     def run(label, jobs, conc, max_tokens):
         target = systems[label][0]
-        if label == "peft":
+        if label.startswith("peft"):
             return run_peft(target, tokenizer, jobs, conc, max_tokens)
         target.start()
         try:
@@ -262,6 +277,8 @@ def main() -> int:
         ratios["mixed16/peft tok/s @1"] = runs["mixed16@1"]["tokens_per_s"] / runs["peft@1"]["tokens_per_s"]
         ratios["mixed16-nopc/peft tok/s @32"] = \
             runs["mixed16-nopc@32"]["tokens_per_s"] / runs["peft@32"]["tokens_per_s"]
+        ratios["mixed16/peft+head tok/s @32"] = \
+            runs["mixed16@32"]["tokens_per_s"] / runs["peft+head@32"]["tokens_per_s"]
     results["ratios"] = ratios
 
     print(f"\n{'system':13s} {'conc':>4s} {'tok/s':>9s} {'p50 s':>8s} {'p95 s':>8s}")

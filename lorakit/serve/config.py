@@ -22,7 +22,7 @@ import yaml
 from lorakit.config import read_yaml_mapping
 from lorakit.errors import ConfigError
 
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ServeConfig:
     max_lora_rank: int = 64  # slots are this wide; a higher-rank adapter is refused
     target_modules: list[str] | str = "all-linear"  # layers that get adapter slots
     api_key: str | None = None  # Bearer key for every route but /health; env LORAKIT_API_KEY
-    dtype: str = "fp32"
+    dtype: str = "auto"  # auto: bf16 where the device multiplies bf16 natively, else fp32
     device: str = "cpu"
     quantize_base: str | None = None  # nf4: base linear weights in 4-bit NF4 (QLoRA adapters)
     prefix_cache_mb: int = 256  # keys/values of repeated prompt prefixes, per adapter; 0 = off

@@ -195,11 +195,11 @@ class Service:
 
 def build_service(config: ServeConfig) -> Service:
     """Load the configured base model and wrap it for serving."""
-    from lorakit.device import dtype_of, resolve_device
+    from lorakit.device import resolve_device, resolve_dtype
     from lorakit.models import load_base
 
-    model, tokenizer = load_base(config.model, dtype=dtype_of(config.dtype),
-                                 device=resolve_device(config.device))
+    device = resolve_device(config.device)
+    model, tokenizer = load_base(config.model, dtype=resolve_dtype(config.dtype, device), device=device)
     if config.quantize_base == "nf4":  # the base QLoRA adapters were trained on
         from lorakit.lora.quant import quantize_base_nf4
 
