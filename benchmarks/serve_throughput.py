@@ -159,6 +159,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="base weights and compute for every system, PEFT included (auto: as "
                          "`lorakit serve` picks it)")
+    ap.add_argument("--no-pack", action="store_true",
+                    help="keep lorakit's bf16 weights unpacked (the server packs them: pack_weights)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_throughput.json"))
     args = ap.parse_args()
 
@@ -168,6 +170,7 @@ def main() -> int:
     from lorakit.serve.cache import AdapterCache
     from lorakit.serve.engine import Engine
     from lorakit.serve.layer import SlotBatch, wrap_for_serving
+    from lorakit.serve.packed import pack_linear_weights
     from lorakit.serve.prefix import PrefixCache
     from lorakit.serve.registry import AdapterRegistry
 
@@ -186,12 +189,16 @@ def main() -> int:
     merged = copy.deepcopy(base)
     load_adapter(merged, dirs[0])
     merge_and_unload(merged)
+    if not args.no_pack:
+        pack_linear_weights(merged)
     engine_a = Engine(merged, tokenizer, SlotBatch(), None, max_running=64,  # no LoRA layers
                       prefix_cache=prefix_cache())
 
     served = copy.deepcopy(base)
     served.lorakit_identity = base.lorakit_identity
     batch, layers = wrap_for_serving(served, ["q_proj", "v_proj"], args.adapters, args.r)
+    if not args.no_pack:
+        pack_linear_weights(served)
     registry = AdapterRegistry(tmp / "registry.sqlite")
     for d in dirs:
         registry.add(d.name, d)
@@ -203,6 +210,7 @@ def main() -> int:
     results: dict = {"model": MODEL, "dtype": str(dtype).removeprefix("torch."), "tokens_per_request": args.tokens,
                      "adapters": args.adapters,
                      "r": args.r, "prefix_cache_mb": args.prefix_cache_mb,
+                     "packed_weights": not args.no_pack,
                      "torch_threads": torch.get_num_threads(), "runs": {}}
     systems = {"merged": (engine_a, lambda i: None), "single": (engine_lora, lambda i: names[0]),
                "mixed16": (engine_lora, lambda i: names[i % len(names)]),

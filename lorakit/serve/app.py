@@ -304,8 +304,9 @@ def serve(config: ServeConfig) -> int:
 
     service = build_service(config)
     weights = next(service.engine.model.parameters())
+    packed = f", {service.packed_layers} linear layers prepacked" if service.packed_layers else ""
     print(f"serving {config.model} ({str(weights.dtype).removeprefix('torch.')} on {weights.device}; "
-          f"dtype {config.dtype})")
+          f"dtype {config.dtype}{packed})")
     app = create_app(service)
     if config.resolved_api_key() is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {config.host} without an API key (set api_key or LORAKIT_API_KEY)")

@@ -49,6 +49,7 @@ class ServeConfig:
     api_key: str | None = None  # Bearer key for every route but /health; env LORAKIT_API_KEY
     dtype: str = "auto"  # auto: bf16 where the device multiplies bf16 natively, else fp32
     device: str = "cpu"
+    pack_weights: bool = True  # bf16 on the CPU: frozen weights prepacked for oneDNN (same results, faster)
     quantize_base: str | None = None  # nf4: base linear weights in 4-bit NF4 (QLoRA adapters)
     prefix_cache_mb: int = 256  # keys/values of repeated prompt prefixes, per adapter; 0 = off
     prefix_block: int = 8  # tokens per prefix cache block (prefixes are reused in whole blocks)

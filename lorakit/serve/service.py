@@ -17,6 +17,7 @@ from lorakit.serve.cache import AdapterCache
 from lorakit.serve.config import ServeConfig
 from lorakit.serve.engine import Engine
 from lorakit.serve.layer import resident_bytes, wrap_for_serving
+from lorakit.serve.packed import pack_linear_weights
 from lorakit.serve.prefix import PrefixCache
 from lorakit.serve.protocol import ApiError
 from lorakit.serve.registry import AdapterRecord, AdapterRegistry, check_name, resolve_under
@@ -35,6 +36,7 @@ class Service:
         batch, layers = wrap_for_serving(model, config.target_modules, config.max_loras,
                                          config.max_lora_rank)
         self.slot_bytes = resident_bytes(layers)
+        self.packed_layers = pack_linear_weights(model) if config.pack_weights else 0
         self.cache = AdapterCache(layers, self.registry, self.identity, config.max_loras,
                                   config.max_cpu_loras, config.max_lora_rank, self.adapters_root)
         prefix = (PrefixCache(config.prefix_cache_mb * 2**20, config.prefix_block)

@@ -40,6 +40,28 @@ def test_mixed_batch_equals_each_adapter_merged(three, llama, tokenizer):
         assert len(answers) == 4
 
 
+def test_bf16_base_mixed_batch_equals_each_request_alone(llama, tokenizer, tmp_path):
+    """The server's default dtype on a bf16-capable CPU: bf16 base, fp32 adapter stacks. Rows of
+    the base and three adapters in one left-padded batch give each request's tokens run alone
+    (bf16 rounding differs from fp32's, so the fp32 merged model is not the oracle here; the
+    layer test bounds the difference), and the adapters still change the answers."""
+    dirs = {f"a{i}": make_adapter(llama, tmp_path / f"a{i}", seed=10 + i, r=2 + 2 * i)
+            for i in range(3)}
+    engine, cache, registry = served(llama, tokenizer, tmp_path, prepare=lambda m: m.to(torch.bfloat16))
+    for name, d in dirs.items():
+        registry.add(name, d)
+    assert next(engine.model.parameters()).dtype == torch.bfloat16
+    assert {l.lora_a.dtype for l in cache.layers.values()} == {torch.float32}
+    n = 8
+    jobs = [(tokenizer(p)["input_ids"], a) for p in PROMPTS for a in [None, "a0", "a1", "a2"]]
+    alone = [run_all(engine, [engine.submit(Request(ids, a, greedy(n)))])[0].output_ids
+             for ids, a in jobs]
+    together = run_all(engine, [engine.submit(Request(ids, a, greedy(n))) for ids, a in jobs])
+    assert [r.output_ids for r in together] == alone
+    for i in range(len(PROMPTS)):
+        assert len({tuple(t) for t in alone[4 * i: 4 * i + 4]}) == 4
+
+
 def test_requests_join_and_leave_between_steps(three, tokenizer):
     engine, _, _ = three
     alone = {}

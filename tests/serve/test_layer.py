@@ -43,6 +43,26 @@ def test_mixed_rows_equal_plain_loop(slots):
             assert (got[row] - base[row]).abs().max() > 1.0  # the adapters matter
 
 
+@pytest.mark.parametrize("slots", [[-1, 0, 2, 1, 0, -1], [-1, 2, 2, 0, 0, -1], [1, 1, 1, 1, 1, 1]])
+def test_bf16_base_with_fp32_stacks_follows_the_fp32_layer(slots):
+    """On the CPU a bf16 base gets fp32 stacks; every path gives the fp32 layer's output to
+    bf16 rounding, and bf16 out."""
+    layer, batch, adapters = _layer()
+    base16 = nn.Linear(24, 40).to(torch.bfloat16)
+    base16.load_state_dict(layer.base.state_dict())
+    layer16 = MultiLoraLinear(base16, batch, 3, 8)
+    assert layer16.lora_a.dtype == torch.float32
+    for slot, (a, b, scaling) in enumerate(adapters):
+        layer16.set_lora(slot, a, b, scaling)
+    x = torch.randn(6, 5, 24)
+    batch.set(slots)
+    got = layer16(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    want = layer(x)
+    scale = want.abs().max().item()  # bf16 keeps 8 bits: errors scale with the outputs
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=1e-2 * scale)
+
+
 def test_slot_equals_its_lora_linear():
     layer, batch, adapters = _layer()
     x = torch.randn(4, 3, 24)
