@@ -92,6 +92,8 @@ def _problems(cfg: ServeConfig) -> list[str]:
 def _type_ok(value: Any, annotation: str) -> bool:
     if annotation == "int":
         return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "bool":
+        return isinstance(value, bool)
     if annotation == "str":
         return isinstance(value, str)
     if annotation == "str | None":

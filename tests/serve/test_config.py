@@ -34,6 +34,9 @@ def test_every_problem_listed(tmp_path, monkeypatch):
         load_serve_config(None, ["prefix_cache_mb=-1"])
     with pytest.raises(ConfigError, match=r"dtype: got 'bfloat' \(expected one of auto, fp32, bf16, fp16\)"):
         load_serve_config(None, ["dtype=bfloat"])
+    with pytest.raises(ConfigError, match=r"pack_weights: got 'maybe' \(expected bool\)"):
+        load_serve_config(None, ["pack_weights=maybe"])
+    assert load_serve_config(None, ["pack_weights=false"]).pack_weights is False
     with pytest.raises(ConfigError, match=r"prefix_block: got 0 \(expected >= 1\)"):
         load_serve_config(None, ["prefix_block=0"])
     with pytest.raises(ConfigError, match="broken.yaml: line 2 not valid YAML"):
