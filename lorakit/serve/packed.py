@@ -29,7 +29,8 @@ def packing_available(weight: torch.Tensor) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """An inference-only `nn.Linear` whose weight is held in oneDNN's packed layout."""
+    """An inference-only `nn.Linear` whose weight is held in oneDNN's packed layout. oneDNN's
+    opaque tensors have no storage, so a packed model cannot be deep-copied: copy, then pack."""
 
     def __init__(self, linear: nn.Linear, rows_hint: int = 32):
         super().__init__()
