@@ -45,7 +45,7 @@ class PackedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense (out, in) weight, recomputed from the packed one (exact: each output of the
         identity's product is a single term). For the rare reader: DoRA norms at adapter load."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        eye = torch.eye(self.in_features, dtype=self.packed.dtype)
         return torch.ops.mkldnn._linear_pointwise(eye, self.packed, None, "none", [], "").T.contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

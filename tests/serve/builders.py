@@ -20,6 +20,8 @@ from lorakit.serve.registry import AdapterRegistry
 from lorakit.serve.sampling import SamplingParams
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPTS = ["the quick brown fox", "is this bike still available? can you do 50",
+           "hello", "what colour is it and how big is the table"]
 
 
 def make_adapter(base, out_dir: str | Path, seed: int, r: int = 4, alpha: float = 8.0,
@@ -35,6 +37,21 @@ def make_adapter(base, out_dir: str | Path, seed: int, r: int = 4, alpha: float 
             layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=gen) * 0.3)
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * b_std)
     return save_adapter(model, cfg, out_dir, base_identity=identity or {"name": "tiny-llama"})
+
+
+def make_dora_adapter(base, out_dir: str | Path, seed: int = 4) -> Path:
+    """A DoRA adapter (r=4 on q, v, down) with random B and magnitudes moved off their init."""
+    from tests.lora.test_layer import randomize_b
+
+    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = copy.deepcopy(base)
+    inject(model, cfg)
+    randomize_b(model, seed=seed, scale=0.6)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_magnitude_vector.mul_(1 + 0.5 * torch.rand(layer.out_features, generator=g))
+    return save_adapter(model, cfg, out_dir, base_identity={"name": "tiny-llama"})
 
 
 def merged_model(base, adapter_dir: str | Path | None):

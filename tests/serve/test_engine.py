@@ -7,13 +7,8 @@ import torch
 from lorakit.errors import AdapterError
 from lorakit.serve.engine import Request
 from lorakit.serve.sampling import SamplingParams
-from tests.serve.builders import (greedy, greedy_reference, make_adapter, merged_model, run_all,
-                                  served)
-
-PROMPTS = ["the quick brown fox", "is this bike still available? can you do 50",
-           "hello", "what colour is it and how big is the table"]
-
-
+from tests.serve.builders import (PROMPTS, greedy, greedy_reference, make_adapter,
+                                  make_dora_adapter, merged_model, run_all, served)
 
 
 @pytest.fixture
@@ -194,21 +189,7 @@ def test_per_module_rank_and_alpha_served_as_merged(llama, tokenizer, tmp_path):
 
 def test_dora_adapter_in_a_mixed_batch_equals_it_merged(llama, tokenizer, tmp_path):
     """A DoRA slot (its factor m / ||W + sBA|| held per slot) beside a LoRA slot and the base."""
-    import copy
-
-    from lorakit.adapters.io import save_adapter
-    from lorakit.lora import LoraConfig, inject, lora_layers
-    from tests.lora.test_layer import randomize_b
-
-    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])
-    model = copy.deepcopy(llama)
-    inject(model, cfg)
-    randomize_b(model, seed=4, scale=0.6)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            layer.lora_magnitude_vector.mul_(1 + 0.5 * torch.rand(layer.out_features, generator=g))
-    dora = save_adapter(model, cfg, tmp_path / "dora", base_identity={"name": "tiny-llama"})
+    dora = make_dora_adapter(llama, tmp_path / "dora")
     plain = make_adapter(llama, tmp_path / "plain", seed=21)
     engine, _, registry = served(llama, tokenizer, tmp_path)
     registry.add("dora", dora)

@@ -10,8 +10,7 @@ from torch import nn
 
 from lorakit.serve.engine import Request
 from lorakit.serve.packed import PackedLinear, pack_linear_weights, packing_available
-from tests.serve.builders import greedy, make_adapter, run_all, served
-from tests.serve.test_engine import PROMPTS
+from tests.serve.builders import PROMPTS, greedy, make_adapter, make_dora_adapter, run_all, served
 
 pytestmark = pytest.mark.skipif(not packing_available(torch.zeros(1, dtype=torch.bfloat16)),
                                 reason="this PyTorch build has no oneDNN")
@@ -39,17 +38,9 @@ def test_only_bf16_linears_are_packed(llama):
 def test_engine_over_packed_weights_answers_as_unpacked(llama, tokenizer, tmp_path):
     """A mixed batch of the base and three adapters (one DoRA, whose norms read the packed
     weight back) on a bf16 base, packed after wrapping as the server does."""
-    from lorakit.adapters.io import save_adapter
-    from lorakit.lora import LoraConfig, inject
-    from tests.lora.test_layer import randomize_b
-
     dirs = {f"a{i}": make_adapter(llama, tmp_path / f"a{i}", seed=10 + i, r=2 + 2 * i)
             for i in range(2)}
-    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])
-    dora = copy.deepcopy(llama)
-    inject(dora, cfg)
-    randomize_b(dora, seed=4, scale=0.6)
-    dirs["a2"] = save_adapter(dora, cfg, tmp_path / "dora", base_identity={"name": "tiny-llama"})
+    dirs["a2"] = make_dora_adapter(llama, tmp_path / "dora")
     engines = []
     for pack in (False, True):
         engine, cache, registry = served(llama, tokenizer, tmp_path / str(pack),
