@@ -1,6 +1,6 @@
 """Serving throughput and latency: lorakit's multi-adapter engine against a merged base and PEFT.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/serve_throughput.py [--tokens 32] [--requests 64]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/serve_throughput.py [--tokens 32] [--requests 128]
 
 On the bundled SmolLM2-135M-Instruct on the CPU, in the server's default dtype (`--dtype auto`:
 bf16 where the CPU multiplies bf16 natively, else fp32; or `--dtype fp32|bf16`, every system
@@ -28,10 +28,12 @@ lorakit systems run closed-loop clients: `concurrency` threads, each submitting 
 when the previous one finishes, through `Engine.submit` (the HTTP layer is not in the loop).
 Every request generates exactly `--tokens` tokens (end of turn ignored), greedy. A warm-up per
 system (one short request per adapter it uses) is not timed, and all systems, PEFT included,
-alternate in `--rounds` rounds so that changes in machine load fall on all of them alike.
+take turns a batch's worth of requests at a time (one request at concurrency 1, 32 at 32), so
+that the bursts of load this machine sees fall on all of them alike.
 Reported: output tokens/s, p50/p95 request latency, and the target ratios: (c)/(a) tokens/s at
 concurrency 32 (target >= 0.8), (c)/(d) tokens/s at 32 (target >= 3), (b)/(a) p50 latency at
-concurrency 1 (target <= 1.15).
+concurrency 1 (target <= 1.15); and the same three as medians of turn-by-turn ratios ("paired":
+in each turn the systems answered the same requests one after another).
 Writes benchmarks/results/serve_throughput.json.
 """
 
@@ -148,11 +150,10 @@ def run_peft(peft_model, tokenizer, jobs, concurrency: int, max_tokens: int) -> 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=32, help="output tokens per request")
-    ap.add_argument("--requests", type=int, default=64, help="requests per run at concurrency 32")
-    ap.add_argument("--requests-c1", type=int, default=12, help="requests per run at concurrency 1")
+    ap.add_argument("--requests", type=int, default=128, help="requests per run at concurrency 32")
+    ap.add_argument("--requests-c1", type=int, default=16, help="requests per run at concurrency 1")
     ap.add_argument("--adapters", type=int, default=16)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds per concurrency")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--prefix-cache-mb", type=int, default=256,
                     help="lorakit's prefix cache for (a)-(c); 0 turns it off")
@@ -211,7 +212,7 @@ def main() -> int:
                      "adapters": args.adapters,
                      "r": args.r, "prefix_cache_mb": args.prefix_cache_mb,
                      "packed_weights": not args.no_pack,
-                     "torch_threads": torch.get_num_threads(), "runs": {}}
+                     "torch_threads": torch.get_num_threads(), "runs": {}, "turns": {}}
     systems = {"merged": (engine_a, lambda i: None), "single": (engine_lora, lambda i: names[0]),
                "mixed16": (engine_lora, lambda i: names[i % len(names)]),
                "mixed16-nopc": (engine_nopc, lambda i: names[i % len(names)])}
@@ -250,16 +251,22 @@ def main() -> int:
             # is resident (cold loads are measured by the tests' cache counters, not here).
             warm = list({a: (ids, a) for ids, a in jobs[label]}.values())
             run(label, warm, min(conc, len(warm)), 2)
-        # Systems alternate round by round, PEFT included, so a change in machine load hits all
-        # of them alike.
+        # Systems take turns, `conc` requests at a time (one request at concurrency 1), PEFT
+        # included, so a burst of machine load hits all of them alike; the order rotates each
+        # turn, so no system always runs right after the same one.
         latencies = {label: [] for label in systems}
         wall = {label: 0.0 for label in systems}
-        per_round = max(conc, n_req // args.rounds)
-        for start in range(0, n_req, per_round):
-            for label in systems:
-                res = run(label, jobs[label][start: start + per_round], conc, args.tokens)
+        turns = []  # per turn: each system's wall time (32 rows) or request latency (1 row)
+        labels = list(systems)
+        for turn, start in enumerate(range(0, n_req, conc)):
+            walls = {}
+            for label in labels[turn % len(labels):] + labels[:turn % len(labels)]:
+                res = run(label, jobs[label][start: start + conc], conc, args.tokens)
                 latencies[label] += res.pop("latencies")
                 wall[label] += res["wall_s"]
+                walls[label] = res["wall_s"]
+            turns.append(walls)
+        results["turns"][str(conc)] = turns
         for label in systems:
             res = summarize(latencies[label], len(latencies[label]) * args.tokens, wall[label])
             results["runs"][f"{label}@{conc}"] = res
@@ -287,6 +294,15 @@ def main() -> int:
             runs["mixed16-nopc@32"]["tokens_per_s"] / runs["peft@32"]["tokens_per_s"]
         ratios["mixed16/peft+head tok/s @32"] = \
             runs["mixed16@32"]["tokens_per_s"] / runs["peft+head@32"]["tokens_per_s"]
+    # The same ratios turn by turn (the systems ran the same requests back to back), medians:
+    # less exposed to a burst of load than the totals above.
+    def wall_ratio(conc, a, b):
+        return statistics.median(t[a] / t[b] for t in results["turns"][str(conc)])
+
+    ratios["paired: mixed16/merged tok/s @32, median of turns"] = wall_ratio(32, "merged", "mixed16")
+    ratios["paired: single/merged latency @1, median of turns"] = wall_ratio(1, "single", "merged")
+    if "peft@32" in runs:
+        ratios["paired: mixed16/peft tok/s @32, median of turns"] = wall_ratio(32, "peft", "mixed16")
     results["ratios"] = ratios
 
     print(f"\n{'system':13s} {'conc':>4s} {'tok/s':>9s} {'p50 s':>8s} {'p95 s':>8s}")

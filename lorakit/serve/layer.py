@@ -156,6 +156,9 @@ class MultiLoraLinear(nn.Module):
                                                       dtype=dtype, device=weight.device),
                              persistent=False)
         self.slot_dora = [False] * max_loras
+        # Per slot, A^T (d_in, r) and B (r, d_out): views of the stacks at the slot's rank, so a
+        # forward does not re-slice them (a decode step at one row is mostly such overheads).
+        self.slot_factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * max_loras
 
     @torch.no_grad()
     def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
@@ -178,6 +181,7 @@ class MultiLoraLinear(nn.Module):
         # Scaling folded in fp32, then cast, so a bf16 stack holds the rounded product once.
         self.lora_b[slot, :r].copy_((lora_b.float() * scaling).T.to(self.lora_b.dtype))
         self.slot_rank[slot] = r
+        self._refresh_factors(slot)
         self.dora_scale[slot].fill_(1)
         self.slot_dora[slot] = magnitude is not None
         if magnitude is not None:
@@ -193,14 +197,26 @@ class MultiLoraLinear(nn.Module):
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.slot_rank[slot] = 0
+        self._refresh_factors(slot)
         self.dora_scale[slot].fill_(1)
         self.slot_dora[slot] = False
 
-    def _delta(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+    def _refresh_factors(self, slot: int) -> None:
         r = self.slot_rank[slot]
-        a = self.lora_a[slot, :r]  # (r, d_in)
-        b = self.lora_b[slot, :r]  # (r, d_out), scaling folded in
-        return (x.to(a.dtype) @ a.T) @ b  # (..., r) then (..., d_out)
+        self.slot_factors[slot] = (self.lora_a[slot, :r].T, self.lora_b[slot, :r]) if r else None
+
+    def _apply(self, fn, *args, **kwargs):
+        """`.to()` and friends replace the stacks: the slot views follow them."""
+        module = super()._apply(fn, *args, **kwargs)
+        for slot in range(self.max_loras):
+            self._refresh_factors(slot)
+        return module
+
+    def _delta(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """(..., d_out) in the stack dtype: x @ A^T @ B for one slot (scaling folded into B)."""
+        a_t, b = self.slot_factors[slot]  # (d_in, r), (r, d_out)
+        h = torch.mm(x.reshape(-1, self.in_features).to(a_t.dtype), a_t)  # (n, r)
+        return torch.mm(h, b).view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._lora_forward(x)  # (B, T, d_out)
@@ -216,7 +232,7 @@ class MultiLoraLinear(nn.Module):
         batch = self.batch
         if batch.uniform_slot is not None:
             if self.slot_rank[batch.uniform_slot]:
-                out = out + self._delta(x, batch.uniform_slot).to(out.dtype)
+                out.add_(self._delta(x, batch.uniform_slot).to(out.dtype))
             return out
         if batch.slot_rows is not None:
             S, R, T, r = self.max_loras, batch.rows_per_slot, x.shape[1], max(self.slot_rank)

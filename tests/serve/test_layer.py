@@ -43,6 +43,38 @@ def test_mixed_rows_equal_plain_loop(slots):
             assert (got[row] - base[row]).abs().max() > 1.0  # the adapters matter
 
 
+@pytest.mark.parametrize("slots", [[-1, 0, 2, 1, 0, -1], [-1, 2, 2, 0, 0, -1], [1, -1, -1, 1],
+                                   [2, 2, 2], [-1, -1]])
+def test_decode_step_equals_plain_loop(slots):
+    """One token per row (a decode step): every slot's A in one product, masked per row, then
+    every slot's B (the uniform batch keeps its two skinny products)."""
+    layer, batch, _ = _layer()
+    x = torch.randn(len(slots), 1, 24)
+    batch.set(slots)
+    got = layer(x)
+    torch.testing.assert_close(got, reference_forward(layer, x, slots), rtol=1e-5, atol=1e-5)
+    base = layer.base(x)
+    for row, slot in enumerate(slots):
+        if slot < 0:
+            torch.testing.assert_close(got[row], base[row], rtol=0, atol=1e-6)
+        else:
+            assert (got[row] - base[row]).abs().max() > 1.0
+    layer.reset_lora(2)  # the stacks follow a slot change
+    layer.set_lora(0, torch.randn(3, 24), torch.randn(40, 3), 2.0)
+    torch.testing.assert_close(layer(x), reference_forward(layer, x, slots), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_no_adapter_targets_runs_the_base():
+    """Rows on slots whose adapters leave this layer out (rank 0 here) get the base output."""
+    layer, batch, _ = _layer()
+    for slot in range(3):
+        layer.reset_lora(slot)
+    for t in (1, 4):
+        x = torch.randn(3, t, 24)
+        batch.set([0, 1, 2])
+        assert torch.equal(layer(x), layer.base(x))
+
+
 @pytest.mark.parametrize("slots", [[-1, 0, 2, 1, 0, -1], [-1, 2, 2, 0, 0, -1], [1, 1, 1, 1, 1, 1]])
 def test_bf16_base_with_fp32_stacks_follows_the_fp32_layer(slots):
     """On the CPU a bf16 base gets fp32 stacks; every path gives the fp32 layer's output to
@@ -142,3 +174,14 @@ def test_dora_slots_equal_their_dora_lora_linear(slots):
             torch.testing.assert_close(got[row], layer.base(x)[row], rtol=0, atol=1e-6)
     layer.reset_lora(1)
     assert not layer.slot_dora[1] and float((layer.dora_scale[1] - 1).abs().max()) == 0.0
+
+
+def test_slot_views_follow_a_dtype_change():
+    """The per-slot views of the stacks are rebuilt when the module's tensors are replaced."""
+    layer, batch, _ = _layer()
+    x = torch.randn(2, 3, 24)
+    batch.set([1, 1])
+    want = layer(x)
+    layer.double()
+    assert layer.slot_factors[1][0].dtype == torch.float64
+    torch.testing.assert_close(layer(x.double()), want.double(), rtol=1e-5, atol=1e-5)
