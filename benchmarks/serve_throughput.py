@@ -256,7 +256,7 @@ def main() -> int:
         # turn, so no system always runs right after the same one.
         latencies = {label: [] for label in systems}
         wall = {label: 0.0 for label in systems}
-        turns = []  # per turn: each system's wall time (32 rows) or request latency (1 row)
+        turns = []  # per turn: each system's wall time for the turn's `conc` requests
         labels = list(systems)
         for turn, start in enumerate(range(0, n_req, conc)):
             walls = {}

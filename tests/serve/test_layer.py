@@ -46,8 +46,8 @@ def test_mixed_rows_equal_plain_loop(slots):
 @pytest.mark.parametrize("slots", [[-1, 0, 2, 1, 0, -1], [-1, 2, 2, 0, 0, -1], [1, -1, -1, 1],
                                    [2, 2, 2], [-1, -1]])
 def test_decode_step_equals_plain_loop(slots):
-    """One token per row (a decode step): every slot's A in one product, masked per row, then
-    every slot's B (the uniform batch keeps its two skinny products)."""
+    """One token per row (a decode step) through each batched form (slot-major, grouped, one
+    slot, base only), and again after slots change."""
     layer, batch, _ = _layer()
     x = torch.randn(len(slots), 1, 24)
     batch.set(slots)
