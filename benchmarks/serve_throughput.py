@@ -25,7 +25,9 @@ MiB): the chat template's system turn, about 24 tokens shared by every prompt, i
 per adapter and its keys and values reused. (c') shows what that is worth; PEFT has no such cache.
 
 lorakit systems run closed-loop clients: `concurrency` threads, each submitting its next request
-when the previous one finishes, through `Engine.submit` (the HTTP layer is not in the loop).
+when the previous one finishes, through `Engine.submit` (the HTTP layer is not in the loop),
+while the engine runs on the main thread, as `lorakit serve` runs it (PEFT's `generate` runs
+there too).
 Every request generates exactly `--tokens` tokens (end of turn ignored), greedy. A warm-up per
 system (one short request per adapter it uses) is not timed, and all systems, PEFT included,
 take turns a batch's worth of requests at a time (one request at concurrency 1, 32 at 32), so
@@ -115,12 +117,17 @@ def run_engine(engine, jobs: list[tuple[list[int], str | None]], concurrency: in
             with lock:
                 latencies.append(time.monotonic() - start)
 
+    def finish():  # the clients are done: end the engine's loop
+        for t in threads:
+            t.join()
+        engine.stop()
+
     start = time.monotonic()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    threading.Thread(target=finish).start()
+    engine.run()  # on the main thread, as `lorakit serve` runs it
     return {**summarize(latencies, len(jobs) * max_tokens, time.monotonic() - start),
             "latencies": latencies}
 
@@ -237,11 +244,7 @@ def main() -> int:
         target = systems[label][0]
         if label.startswith("peft"):
             return run_peft(target, tokenizer, jobs, conc, max_tokens)
-        target.start()
-        try:
-            return run_engine(target, jobs, conc, max_tokens)
-        finally:
-            target.stop()
+        return run_engine(target, jobs, conc, max_tokens)
 
     for conc, n_req in [(1, args.requests_c1), (32, args.requests)]:
         ps = prompts(tokenizer, n_req)

@@ -13,6 +13,14 @@ different adapters share each forward pass through the per-row slot index of `Mu
 One engine thread owns the model, the KV cache and the adapter slots. Other threads `submit`
 requests and receive events through each request's `on_event` callback; admin operations that
 touch slots run on the engine thread through `call`, between forward passes.
+
+Which thread that is matters on the CPU. PyTorch's CPU builds run their parallel regions on GNU
+OpenMP, whose idle workers spin between regions only while the process has no more OpenMP
+threads than CPUs; past that (and the process's main thread always counts as one) they sleep, and
+every small operation pays a wake-up. A decode step is hundreds of small operations: on this
+2-core machine a batch-1 step ran 18 ms on the main thread and 42 ms on a second thread. So
+`lorakit serve` runs the engine on the main thread (`run`) and the HTTP server on another;
+`start` (a thread of its own) is for tests and embedding.
 """
 
 from __future__ import annotations
@@ -102,7 +110,9 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self._commands: collections.deque[tuple[Callable, Future]] = collections.deque()
         self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the thread `start` made
+        self._owner: threading.Thread | None = None  # the thread running the loop, if any
+        self._stopped = threading.Event()  # set when the loop has returned
         self._stop = False
         # Counters read by /metrics.
         self.prompt_tokens = 0
@@ -124,16 +134,16 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], adapter: str | None = None,
                  params: SamplingParams | None = None, timeout: float | None = None) -> Request:
-        """Submit and wait: the finished request (or the engine steps inline when not started)."""
+        """Submit and wait: the finished request (or the engine steps inline when not running)."""
         req = self.submit(Request(prompt_ids, adapter, params or SamplingParams()))
-        if self._thread is None:
+        if self._owner is None:
             while not req.done.is_set():
                 self.step()
         return req.wait(timeout)
 
     def call(self, fn: Callable[[], object]) -> object:
-        """Run `fn` on the engine thread between steps (inline when the engine is not started)."""
-        if self._thread is None or threading.current_thread() is self._thread:
+        """Run `fn` on the engine thread between steps (inline when the engine is not running)."""
+        if self._owner is None or threading.current_thread() is self._owner:
             return fn()
         fut: Future = Future()
         with self._cv:
@@ -148,21 +158,53 @@ class Engine:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
-            self._thread.start()
+    @property
+    def alive(self) -> bool:
+        """Whether the scheduler loop is running (on any thread)."""
+        owner = self._owner
+        return owner is not None and owner.is_alive()
 
-    def stop(self) -> None:
-        thread = self._thread
-        if thread is None:
-            return
+    def run(self) -> None:
+        """Run the scheduler on the calling thread until `stop` is called from another one (a
+        `stop` that came before `run` ends it at once, so a caller cannot miss it).
+
+        On the CPU, call it from the process's main thread (see the module docstring)."""
         with self._cv:
+            if self._owner is not None:
+                raise RuntimeError("the engine is already running")
+            self._owner = threading.current_thread()
+            self._stopped.clear()
+        try:
+            self._loop()
+        finally:
+            with self._cv:
+                self._owner = None
+                self._stop = False
+                self._stopped.set()
+
+    def start(self) -> None:
+        """Run the scheduler on a thread of its own (slower on the CPU than `run` on the main
+        thread; see the module docstring)."""
+        if self._owner is None:
+            self._stop = False
+            self._stopped.clear()
+            self._thread = threading.Thread(target=self.run, name="lorakit-engine", daemon=True)
+            self._thread.start()
+            while self._owner is None and not self._stopped.is_set():
+                time.sleep(0.001)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the loop (requests still running fail as the server shutting down) and wait for
+        it to return, unless called from the loop's own thread."""
+        with self._cv:
+            owner = self._owner
             self._stop = True
             self._cv.notify()
-        thread.join()
-        self._thread = None
+        if owner is not None and owner is not threading.current_thread():
+            self._stopped.wait(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            self._thread = None
 
     def _loop(self) -> None:
         while True:

@@ -23,10 +23,11 @@ Three batched forms compute it, chosen per step by how many adapters the batch m
 - every row on one slot: two skinny matmuls over the whole batch, no gather;
 - a few slots (<= `GROUPED_MAX_SLOTS`): rows grouped by slot, two skinny matmuls per group;
 - many slots: the rows gathered slot-major into a (max_loras, R, T, d_in) block, R = the busiest
-  slot's row count (short slots padded with a filler row whose result is zeroed), then one
-  batched matmul per factor over all slots, and each row's delta gathered back by its slot-major
-  position and added (Punica's SGMV done with `torch.bmm`; base rows gather a zeroed filler). A
-  fixed six ops per layer however many adapters mix, each slot's A and B read once, and FLOPs for
+  slot's row count (short slots padded with filler rows), then one batched matmul per factor
+  over all slots, and each row's delta gathered back by its slot-major position and added
+  (Punica's SGMV done with `torch.bmm`; base rows gather a filler's delta, zeroed only when
+  base rows are in the batch). A fixed six or seven ops per layer however many adapters mix,
+  each slot's A and B read once, and FLOPs for
   about R x max_loras rows instead of every row times every slot. The way back is a gather, not
   an `index_add_`: on CPU `index_add_` runs as a serial scatter that cost more than both matmuls.
 """
@@ -64,7 +65,9 @@ class SlotBatch:
         # Set when many slots mix (see the module docstring): the slot-major row layout.
         self.rows_per_slot = 0
         self.slot_rows: torch.Tensor | None = None  # (max_loras * rows_per_slot,) row indices
-        self.slot_valid: torch.Tensor | None = None  # (max_loras, rows_per_slot, 1, 1) 1 = real row
+        # (max_loras, rows_per_slot, 1, 1), 1 = real row; only when base rows read a filler
+        # position's delta, which must then be zero (no one reads the other fillers' results).
+        self.slot_valid: torch.Tensor | None = None
         self.row_pos: torch.Tensor | None = None  # (B,) each row's slot-major position
 
     def set(self, row_slots: list[int], device: torch.device | str = "cpu",
@@ -106,7 +109,7 @@ class SlotBatch:
                 pos[row] = s * rows_per_slot + j
         self.rows_per_slot = rows_per_slot
         self.slot_rows = index.flatten().to(device)  # (S * R,)
-        self.slot_valid = valid.to(device)  # (S, R, 1, 1)
+        self.slot_valid = valid.to(device) if -1 in row_slots else None  # (S, R, 1, 1)
         self.row_pos = torch.tensor(pos, dtype=torch.long).to(device)  # (B,)
 
     def row_index(self) -> torch.Tensor:
@@ -159,6 +162,8 @@ class MultiLoraLinear(nn.Module):
         # Per slot, A^T (d_in, r) and B (r, d_out): views of the stacks at the slot's rank, so a
         # forward does not re-slice them (a decode step at one row is mostly such overheads).
         self.slot_factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * max_loras
+        # All slots at the largest rank held: A^T (S, d_in, r) and B (S, r, d_out) views.
+        self.stacked_factors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
     def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
@@ -204,6 +209,8 @@ class MultiLoraLinear(nn.Module):
     def _refresh_factors(self, slot: int) -> None:
         r = self.slot_rank[slot]
         self.slot_factors[slot] = (self.lora_a[slot, :r].T, self.lora_b[slot, :r]) if r else None
+        r = max(self.slot_rank)
+        self.stacked_factors = (self.lora_a[:, :r].transpose(1, 2), self.lora_b[:, :r]) if r else None
 
     def _apply(self, fn, *args, **kwargs):
         """`.to()` and friends replace the stacks: the slot views follow them."""
@@ -235,11 +242,14 @@ class MultiLoraLinear(nn.Module):
                 out.add_(self._delta(x, batch.uniform_slot).to(out.dtype))
             return out
         if batch.slot_rows is not None:
-            S, R, T, r = self.max_loras, batch.rows_per_slot, x.shape[1], max(self.slot_rank)
-            a, b = self.lora_a[:, :r], self.lora_b[:, :r]  # (S, r, d_in), (S, r, d_out)
-            xs = x.index_select(0, batch.slot_rows).to(a.dtype)  # (S*R, T, d_in), slot-major
-            h = torch.bmm(xs.view(S, R * T, self.in_features), a.transpose(1, 2))  # (S, R*T, r)
-            h = (h.view(S, R, T, r) * batch.slot_valid.to(h.dtype)).view(S, R * T, r)
+            if self.stacked_factors is None:  # no slot holds an adapter for this layer
+                return out
+            a_t, b = self.stacked_factors  # (S, d_in, r), (S, r, d_out)
+            S, R, T, r = self.max_loras, batch.rows_per_slot, x.shape[1], b.shape[1]
+            xs = x.index_select(0, batch.slot_rows).to(a_t.dtype)  # (S*R, T, d_in), slot-major
+            h = torch.bmm(xs.view(S, R * T, self.in_features), a_t)  # (S, R*T, r)
+            if batch.slot_valid is not None:  # zero the filler results base rows read
+                h = (h.view(S, R, T, r) * batch.slot_valid.to(h.dtype)).view(S, R * T, r)
             delta = torch.bmm(h, b).view(S * R, T, self.out_features)  # (S*R, T, d_out)
             return out.add_(delta.index_select(0, batch.row_pos).to(out.dtype))  # (B, T, d_out)
         for slot, rows in batch.groups:

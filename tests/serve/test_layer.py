@@ -23,6 +23,7 @@ def _layer(d_in=24, d_out=40, max_loras=3, max_rank=8, seed=0):
 
 
 @pytest.mark.parametrize("slots", [[-1, 0, 2, 1, 0, -1],  # three adapters: slot-major
+                                   [0, 2, 1, 0, 1, 1],  # slot-major, no base row: fillers unread
                                    [0, 1, 2, 2, 1, 0],  # slot-major, every slot full, no base
                                    [0, 1, 2, -1, -1, -1],  # every slot full: base rows need a filler
                                    [-1, 2, 2, 0, 0, -1],  # two: grouped by slot
@@ -43,8 +44,8 @@ def test_mixed_rows_equal_plain_loop(slots):
             assert (got[row] - base[row]).abs().max() > 1.0  # the adapters matter
 
 
-@pytest.mark.parametrize("slots", [[-1, 0, 2, 1, 0, -1], [-1, 2, 2, 0, 0, -1], [1, -1, -1, 1],
-                                   [2, 2, 2], [-1, -1]])
+@pytest.mark.parametrize("slots", [[-1, 0, 2, 1, 0, -1], [0, 2, 1, 0, 1, 1], [-1, 2, 2, 0, 0, -1],
+                                   [1, -1, -1, 1], [2, 2, 2], [-1, -1]])
 def test_decode_step_equals_plain_loop(slots):
     """One token per row (a decode step) through each batched form (slot-major, grouped, one
     slot, base only), and again after slots change."""

@@ -1,0 +1,72 @@
+"""`lorakit serve` as a user runs it: its own process, the engine on the main thread, uvicorn on
+another; answered over HTTP with the `openai` client, then stopped with Ctrl-C (SIGINT)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests import tiny
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_process_answers_and_stops_on_sigint(tmp_path):
+    from openai import OpenAI
+
+    base_dir = tmp_path / "tiny-base"
+    tiny.tiny_llama().save_pretrained(base_dir)
+    tiny.tiny_tokenizer().save_pretrained(base_dir)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorakit", "serve", "--port", str(port), f"model={base_dir}",
+         f"adapters_root={tmp_path / 'adapters'}", "dtype=fp32"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        out = client.completions.create(model=model, prompt="the quick brown fox", max_tokens=5,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_process_fails_when_the_port_is_taken(tmp_path):
+    base_dir = tmp_path / "tiny-base"
+    tiny.tiny_llama().save_pretrained(base_dir)
+    tiny.tiny_tokenizer().save_pretrained(base_dir)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "lorakit", "serve", "--port", str(port), f"model={base_dir}",
+             f"adapters_root={tmp_path / 'adapters'}", "dtype=fp32"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0
+    assert "address already in use" in (proc.stdout + proc.stderr).lower()
