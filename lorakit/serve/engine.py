@@ -17,8 +17,9 @@ touch slots run on the engine thread through `call`, between forward passes.
 Which thread that is matters on the CPU. PyTorch's CPU builds run their parallel regions on GNU
 OpenMP, whose idle workers spin between regions only while the process has no more OpenMP
 threads than CPUs; past that (and the process's main thread always counts as one) they sleep, and
-every small operation pays a wake-up. A decode step is hundreds of small operations: on this
-2-core machine a batch-1 step ran 18 ms on the main thread and 42 ms on a second thread. So
+every small operation pays a wake-up. A decode step is hundreds of small operations: on a
+2-core machine a batch-1 forward of SmolLM2-135M took 18 ms on the main thread and 42 ms on a
+second thread. So
 `lorakit serve` runs the engine on the main thread (`run`) and the HTTP server on another;
 `start` (a thread of its own) is for tests and embedding.
 """
@@ -112,6 +113,7 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None  # the thread `start` made
         self._owner: threading.Thread | None = None  # the thread running the loop, if any
+        self._running = threading.Event()  # set while the loop runs
         self._stopped = threading.Event()  # set when the loop has returned
         self._stop = False
         # Counters read by /metrics.
@@ -174,12 +176,14 @@ class Engine:
                 raise RuntimeError("the engine is already running")
             self._owner = threading.current_thread()
             self._stopped.clear()
+            self._running.set()
         try:
             self._loop()
         finally:
             with self._cv:
                 self._owner = None
                 self._stop = False
+                self._running.clear()
                 self._stopped.set()
 
     def start(self) -> None:
@@ -190,8 +194,9 @@ class Engine:
             self._stopped.clear()
             self._thread = threading.Thread(target=self.run, name="lorakit-engine", daemon=True)
             self._thread.start()
-            while self._owner is None and not self._stopped.is_set():
-                time.sleep(0.001)
+            # Return once the loop runs, so that `call` from here on goes to it (or has ended).
+            while not (self._running.wait(0.01) or self._stopped.is_set()):
+                pass
 
     def stop(self, timeout: float | None = None) -> None:
         """End the loop (requests still running fail as the server shutting down) and wait for

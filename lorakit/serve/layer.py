@@ -27,9 +27,9 @@ Three batched forms compute it, chosen per step by how many adapters the batch m
   over all slots, and each row's delta gathered back by its slot-major position and added
   (Punica's SGMV done with `torch.bmm`; base rows gather a filler's delta, zeroed only when
   base rows are in the batch). A fixed six or seven ops per layer however many adapters mix,
-  each slot's A and B read once, and FLOPs for
-  about R x max_loras rows instead of every row times every slot. The way back is a gather, not
-  an `index_add_`: on CPU `index_add_` runs as a serial scatter that cost more than both matmuls.
+  each slot's A and B read once, and FLOPs for about R x max_loras rows instead of every row
+  times every slot. The way back is a gather, not an `index_add_`: on CPU `index_add_` runs as a
+  serial scatter that cost more than both matmuls.
 """
 
 from __future__ import annotations

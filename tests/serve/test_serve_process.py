@@ -12,6 +12,8 @@ import httpx
 
 from tests import tiny
 
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -19,23 +21,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_process_answers_and_stops_on_sigint(tmp_path):
-    from openai import OpenAI
-
+def _serve_command(tmp_path, port: int) -> list[str]:
+    """`lorakit serve` on a tiny Llama saved as a Hugging Face directory."""
     base_dir = tmp_path / "tiny-base"
     tiny.tiny_llama().save_pretrained(base_dir)
     tiny.tiny_tokenizer().save_pretrained(base_dir)
+    return [sys.executable, "-m", "lorakit", "serve", "--port", str(port), f"model={base_dir}",
+            f"adapters_root={tmp_path / 'adapters'}", "dtype=fp32"]
+
+
+def test_serve_process_answers_and_stops_on_sigint(tmp_path):
+    from openai import OpenAI
+
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lorakit", "serve", "--port", str(port), f"model={base_dir}",
-         f"adapters_root={tmp_path / 'adapters'}", "dtype=fp32"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    log = tmp_path / "serve.log"  # a file, not a pipe nobody drains while the server runs
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_serve_command(tmp_path, port), stdout=out,
+                                stderr=subprocess.STDOUT, env=ENV)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while True:
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, log.read_text()
             try:
                 if httpx.get(url + "/health").status_code == 200:
                     break
@@ -49,7 +56,7 @@ def test_serve_process_answers_and_stops_on_sigint(tmp_path):
                                         temperature=0, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
+        assert proc.wait(60) == 0, log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -57,16 +64,10 @@ def test_serve_process_answers_and_stops_on_sigint(tmp_path):
 
 
 def test_serve_process_fails_when_the_port_is_taken(tmp_path):
-    base_dir = tmp_path / "tiny-base"
-    tiny.tiny_llama().save_pretrained(base_dir)
-    tiny.tiny_tokenizer().save_pretrained(base_dir)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        proc = subprocess.run(
-            [sys.executable, "-m", "lorakit", "serve", "--port", str(port), f"model={base_dir}",
-             f"adapters_root={tmp_path / 'adapters'}", "dtype=fp32"],
-            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.run(_serve_command(tmp_path, taken.getsockname()[1]),
+                              capture_output=True, text=True, timeout=120, env=ENV)
     assert proc.returncode != 0
     assert "address already in use" in (proc.stdout + proc.stderr).lower()
