@@ -225,3 +225,33 @@ def test_nf4_base_serves_qlora_adapters_as_lora_on_that_base(llama, tokenizer, t
                          for p in PROMPTS])
     for r in reqs:
         assert r.output_ids == greedy_reference(reference.eval(), r.prompt_ids, n)
+
+
+def test_run_on_the_calling_thread_until_stopped(three, tokenizer):
+    """`run` (how `lorakit serve` drives the engine, on the main thread): other threads submit
+    and admin `call`s reach the loop; `stop` from another thread ends it; a `stop` that comes
+    before `run` is not lost."""
+    import threading
+
+    engine, cache, _ = three
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    want = {a: run_all(engine, [engine.submit(Request(ids, a, greedy(6)))])[0].output_ids
+            for a in [None, "a0", "a1"]}
+    got, seen = {}, {}
+
+    def client():
+        reqs = {a: engine.submit(Request(ids, a, greedy(6))) for a in want}
+        got.update({a: r.wait(60).output_ids for a, r in reqs.items()})
+        seen["loop"] = engine.call(threading.current_thread)  # runs on the loop's thread
+        engine.stop()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    engine.run()
+    thread.join()
+    assert got == want and len({tuple(t) for t in want.values()}) == 3  # a mix-up would show
+    assert seen["loop"] is threading.current_thread()
+    assert not engine.alive
+    engine.stop()  # stop first, run after: run returns at once
+    engine.run()
+    assert not engine.alive
