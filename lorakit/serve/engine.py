@@ -163,8 +163,7 @@ class Engine:
     @property
     def alive(self) -> bool:
         """Whether the scheduler loop is running (on any thread)."""
-        owner = self._owner
-        return owner is not None and owner.is_alive()
+        return self._running.is_set()
 
     def run(self) -> None:
         """Run the scheduler on the calling thread until `stop` is called from another one (a
