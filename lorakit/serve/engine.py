@@ -19,9 +19,8 @@ OpenMP, whose idle workers spin between regions only while the process has no mo
 threads than CPUs; past that (and the process's main thread always counts as one) they sleep, and
 every small operation pays a wake-up. A decode step is hundreds of small operations: on a
 2-core machine a batch-1 forward of SmolLM2-135M took 18 ms on the main thread and 42 ms on a
-second thread. So
-`lorakit serve` runs the engine on the main thread (`run`) and the HTTP server on another;
-`start` (a thread of its own) is for tests and embedding.
+second thread. So `lorakit serve` runs the engine on the main thread (`run`) and the HTTP server
+on another; `start` (a thread of its own) is for tests and embedding.
 """
 
 from __future__ import annotations

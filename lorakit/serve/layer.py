@@ -186,7 +186,7 @@ class MultiLoraLinear(nn.Module):
         # Scaling folded in fp32, then cast, so a bf16 stack holds the rounded product once.
         self.lora_b[slot, :r].copy_((lora_b.float() * scaling).T.to(self.lora_b.dtype))
         self.slot_rank[slot] = r
-        self._refresh_factors(slot)
+        self._refresh_factors([slot])
         self.dora_scale[slot].fill_(1)
         self.slot_dora[slot] = magnitude is not None
         if magnitude is not None:
@@ -202,21 +202,22 @@ class MultiLoraLinear(nn.Module):
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.slot_rank[slot] = 0
-        self._refresh_factors(slot)
+        self._refresh_factors([slot])
         self.dora_scale[slot].fill_(1)
         self.slot_dora[slot] = False
 
-    def _refresh_factors(self, slot: int) -> None:
-        r = self.slot_rank[slot]
-        self.slot_factors[slot] = (self.lora_a[slot, :r].T, self.lora_b[slot, :r]) if r else None
+    def _refresh_factors(self, slots) -> None:
+        """Rebuild the views of `slots`, and the all-slots views (their rank may have changed)."""
+        for slot in slots:
+            r = self.slot_rank[slot]
+            self.slot_factors[slot] = (self.lora_a[slot, :r].T, self.lora_b[slot, :r]) if r else None
         r = max(self.slot_rank)
         self.stacked_factors = (self.lora_a[:, :r].transpose(1, 2), self.lora_b[:, :r]) if r else None
 
     def _apply(self, fn, *args, **kwargs):
         """`.to()` and friends replace the stacks: the slot views follow them."""
         module = super()._apply(fn, *args, **kwargs)
-        for slot in range(self.max_loras):
-            self._refresh_factors(slot)
+        self._refresh_factors(range(self.max_loras))
         return module
 
     def _delta(self, x: torch.Tensor, slot: int) -> torch.Tensor:
