@@ -133,6 +133,19 @@ def _check_hf_dir(path: Path):
     return config
 
 
+def _no_hub_kernels() -> dict:
+    """`from_pretrained` arguments that keep the `kernels` package out of the model.
+
+    transformers 5.x enables Hugging Face hub kernels by default when the `kernels` package is
+    installed (5.25 depends on it), and its `train()`/`eval()` re-kernelize the model on every
+    mode change, which deletes forwards set on module instances (lorakit's lean ops). Hub
+    kernels are downloaded at run time, which lorakit never does, so they are switched off;
+    transformers before `set_use_kernels` existed takes no such argument."""
+    from transformers import PreTrainedModel
+
+    return {"use_kernels": False} if hasattr(PreTrainedModel, "set_use_kernels") else {}
+
+
 def _load_hf_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
@@ -145,7 +158,8 @@ def _load_hf_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
         # transformers imports torchao when it is installed (lorakit's NF4 base needs it).
         with FROM_PRETRAINED_LOCK, quiet_torchao():
             model, info = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
+                str(path), dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True,
+                **_no_hub_kernels())
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelLoadError(f"{path}: transformers could not load the weights ({first}); "

@@ -16,16 +16,36 @@ whose products the tests hold the engine to exactly; the gain there was 0-20%.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 
-def packing_available(weight: torch.Tensor) -> bool:
-    """Whether `weight` can be prepacked: a plain bf16 tensor on a CPU build with oneDNN."""
+@functools.cache
+def _onednn_bf16_packing() -> bool:
+    """Whether this PyTorch build and this CPU pack bf16 weights. oneDNN's bf16 reorder needs
+    AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT and raises on a plain AVX2 CPU, so the answer comes
+    from packing a small weight once and comparing the product with `F.linear`."""
     ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise")):
+        return False
+    weight = torch.ones(8, 16, dtype=torch.bfloat16)
+    x = torch.ones(2, 16, dtype=torch.bfloat16)
+    try:
+        packed = ops._reorder_linear_weight(weight, 2)
+        return torch.equal(ops._linear_pointwise(x, packed, None, "none", [], ""),
+                           torch.nn.functional.linear(x, weight))
+    except RuntimeError:
+        return False
+
+
+def packing_available(weight: torch.Tensor) -> bool:
+    """Whether `weight` can be prepacked: a plain bf16 tensor on the CPU, where this build and
+    this CPU pack bf16 weights (`_onednn_bf16_packing`)."""
     return (type(weight) in (torch.Tensor, nn.Parameter) and weight.device.type == "cpu"
-            and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+            and weight.dtype == torch.bfloat16 and _onednn_bf16_packing())
 
 
 class PackedLinear(nn.Module):

@@ -75,23 +75,58 @@ def _mlp_forward(module: nn.Module):
     return forward
 
 
-def lean_targets(model: nn.Module) -> list[tuple[nn.Module, object]]:
-    """(module, replacement forward) for every recognised RMSNorm and SiLU-gated MLP."""
+def _forward_matches(module: nn.Module, forward) -> bool:
+    """Whether `forward` gives bit-for-bit what the module's own class forward gives on a small
+    random input: the check that the transformers code in hand is the code these functions
+    restate (tested with transformers 4.51-5.25). Dropout inside (LoRA's) draws the same numbers
+    on both paths: the generator is reseeded before each and restored afterwards."""
+    weight = next(module.parameters(), None)
+    hidden = getattr(module, "hidden_size", None) or (weight.shape[-1] if weight is not None else None)
+    if weight is None or not hidden:
+        return False
+    with torch.no_grad(), torch.random.fork_rng(devices=[] if weight.device.type == "cpu"
+                                                 else [weight.device]):
+        x = torch.randn(2, 3, hidden, dtype=weight.dtype if weight.is_floating_point()
+                        else torch.float32, device=weight.device)
+        try:
+            torch.manual_seed(0)
+            want = type(module).forward(module, x)
+            torch.manual_seed(0)
+            got = forward(x)
+        except (RuntimeError, TypeError, AttributeError, ValueError):
+            return False
+    return isinstance(want, torch.Tensor) and want.shape == got.shape and torch.equal(want, got)
+
+
+def lean_targets(model: nn.Module) -> tuple[list[tuple[nn.Module, object]], list[str]]:
+    """(module, replacement forward) for every recognised RMSNorm and SiLU-gated MLP whose class
+    forward the replacement reproduces, and the class names recognised but left alone."""
     act = getattr(getattr(model, "config", None), "hidden_act", None)
-    out = []
+    out, verdict = [], {}
     for module in model.modules():
         name = type(module).__name__
         if name in RMS_NORMS:
-            out.append((module, _rms_norm_forward(module)))
+            forward = _rms_norm_forward(module)
         elif name in GATED_MLPS and act == "silu":
-            out.append((module, _mlp_forward(module)))
-    return out
+            forward = _mlp_forward(module)
+        else:
+            continue
+        if name not in verdict:
+            verdict[name] = _forward_matches(module, forward)
+        if verdict[name]:
+            out.append((module, forward))
+    return out, sorted(name for name, ok in verdict.items() if not ok)
 
 
 @contextlib.contextmanager
-def lean_modules(model: nn.Module):
-    """Run the recognised modules through the lean functions inside the block."""
-    targets = lean_targets(model)
+def lean_modules(model: nn.Module, note=None):
+    """Run the recognised modules through the lean functions inside the block. A class whose
+    forward no longer matches (another transformers version) keeps its own forward, and
+    `note` (a callable taking one line) says so."""
+    targets, skipped = lean_targets(model)
+    if skipped and note is not None:
+        note(f"lean activations off for {', '.join(skipped)}: its forward is not the one lorakit "
+             "restates (plain path used)")
     # A forward already set on the instance (a hook library's wrapper) is put back afterwards.
     previous = [module.__dict__.get("forward") for module, _ in targets]
     for module, forward in targets:
@@ -100,7 +135,7 @@ def lean_modules(model: nn.Module):
         yield len(targets)
     finally:
         for (module, _), old in zip(targets, previous):
-            if old is None:
-                del module.forward
-            else:
+            # pop, not del: something inside the block may already have removed it.
+            module.__dict__.pop("forward", None)
+            if old is not None:
                 module.forward = old

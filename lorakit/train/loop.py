@@ -251,7 +251,7 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
     train_loss = val_loss = None
     stopped_early = False
     with bar, (packed_attention_mode(model) if packed_inner else contextlib.nullcontext()), \
-            (lean_modules(model) if t.lean_activations else contextlib.nullcontext()):
+            (lean_modules(model, note=bar.note) if t.lean_activations else contextlib.nullcontext()):
         while step < total_steps:
             # Forward and backward over this step's micro-batches, weighting every token alike.
             micro_batches = [[data.train[i] for i in plan[micro + k]] for k in range(t.grad_accum)]

@@ -74,3 +74,58 @@ def test_lean_modules_on_a_model_give_the_same_loss_and_gradients_and_restore():
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert not any("forward" in m.__dict__ for m in model.modules())  # restored
+
+
+def _saved_tiny_llama(path):
+    tiny.tiny_llama().save_pretrained(path)
+    tiny.tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("loader", ["lorakit", "transformers"])
+def test_lean_modules_survive_mode_changes_of_a_model_loaded_from_a_folder(tmp_path, loader):
+    """Models as users load them: transformers 5.25 enables hub kernels in `from_pretrained`
+    and re-kernelizes on `train()`/`eval()`, which removed the lean forwards mid-run and crashed
+    the restore. lorakit's loader keeps kernels off; a plain `from_pretrained` model must at
+    least leave the block cleanly."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.models import load_base
+
+    path = _saved_tiny_llama(tmp_path / "base")
+    model = load_base(path)[0] if loader == "lorakit" else AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.randint(0, 400, (2, 9), generator=torch.Generator().manual_seed(0))
+    ref = model(ids).logits
+    with lean_modules(model) as n:
+        assert n == 2 * 3 + 1
+        model.eval()
+        model.train()
+        model.eval()
+        if loader == "lorakit":
+            assert sum("forward" in m.__dict__ for m in model.modules()) == n
+        assert torch.equal(model(ids).logits, ref)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert torch.equal(model(ids).logits, ref)
+
+
+def test_a_module_whose_forward_is_not_the_restated_one_keeps_its_own():
+    """A class with a recognised name but another forward (a future transformers, or Gemma's
+    `(1 + w)` norm under a Llama name) is left on its own forward, and the caller is told."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class OffsetNorm(LlamaRMSNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+    OffsetNorm.__name__ = "LlamaRMSNorm"
+
+    model = tiny.tiny_llama()
+    for module in model.modules():
+        if type(module) is LlamaRMSNorm:
+            module.__class__ = OffsetNorm
+    ids = torch.randint(0, 400, (1, 7), generator=torch.Generator().manual_seed(1))
+    ref = model(ids).logits
+    notes = []
+    with lean_modules(model, note=notes.append) as n:
+        assert n == 2  # the two MLPs only
+        assert torch.equal(model(ids).logits, ref)
+    assert len(notes) == 1 and "LlamaRMSNorm" in notes[0] and "plain path" in notes[0]
