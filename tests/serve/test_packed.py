@@ -13,7 +13,7 @@ from lorakit.serve.packed import PackedLinear, pack_linear_weights, packing_avai
 from tests.serve.builders import PROMPTS, greedy, make_adapter, make_dora_adapter, run_all, served
 
 pytestmark = pytest.mark.skipif(not packing_available(torch.zeros(1, dtype=torch.bfloat16)),
-                                reason="this PyTorch build has no oneDNN")
+                                reason="this PyTorch build or this CPU cannot pack bf16 weights for oneDNN")
 
 
 @pytest.mark.parametrize("bias", [False, True])
