@@ -34,9 +34,11 @@ def test_every_problem_listed_once(tmp_path):
         load_config(p, ["train.epochs=lots", "nodot=1"])
     msg = str(e.value)
     for fragment in ("model.dtyp: unknown key (did you mean dtype?)", "lora.r: got 'eight' (expected int)",
-                     "extra: unknown section", "train.epochs: got 'lots'", "override 'nodot=1'"):
+                     "extra: unknown section", "train.epochs: got 'lots'", "override 'nodot=1'",
+                     "train.lr: got -1.0 (expected > 0)", "train.batch_size: got 0 (expected >= 1)",
+                     "data.train: missing"):
         assert fragment in msg, msg
-    assert msg.startswith(f"{p}: 5 problem(s)")
+    assert msg.startswith(f"{p}: 8 problem(s)")
 
 
 def test_semantic_problems_after_types(tmp_path):
@@ -64,3 +66,59 @@ def test_every_shipped_yaml_loads_and_validates():
         assert first.startswith("# lorakit "), f"{p} must start with the command that runs it"
         cfg = load_config(p)
         assert Path(cfg.data.train).exists(), p
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.epochs=.inf", "train.epochs: got inf (expected a finite number)"),
+    ("lora.lora_alpha=.nan", "lora.lora_alpha: got nan (expected a finite number)"),
+    ("lora.lora_alpha=nan", "lora.lora_alpha: got 'nan' (expected a finite number)"),
+    ("train.lr=-.inf", "train.lr: got -inf (expected a finite number)"),
+    ("train.max_grad_norm=.nan", "train.max_grad_norm: got nan (expected a finite number)"),
+    ("train.weight_decay=-0.1", "train.weight_decay: got -0.1 (expected >= 0)"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm: got -1.0 (expected >= 0; 0 = no clipping)"),
+    ("lora.alpha_pattern={q_proj: .inf}", "lora.alpha_pattern: got {'q_proj': inf} (expected dict[str, float])"),
+    ("lora.target_modules=q_proj(", "lora.target_modules: 'q_proj(' is not a valid regular expression "
+                                    "(missing ), unterminated subpattern at position 6)"),
+    ("train.shuffle='no'", "train.shuffle: got 'no' (expected bool)"),
+    ("train.max_steps=true", "train.max_steps: got True (expected int)"),
+    ("train.max_steps=99999999999999999999", "train.max_steps: got 99999999999999999999 (expected an int "
+                                             "of at most 9223372036854775807)"),
+    ("train.lr=[1,", "override 'train.lr=[1,': value '[1,' is not valid YAML"),
+    ("eval.batch_size=0", "eval.batch_size: got 0 (expected >= 1)"),
+    ("eval.task=classify", "eval.task: got 'classify' (expected one of auto, classification, generation)"),
+    ("model.quantize_base=nf8", "model.quantize_base: got 'nf8' (expected nf4 or null)"),
+    ("lora.rank=8", "lora.rank: unknown key (did you mean r?)"),
+    ("lora.alpha=8", "lora.alpha: unknown key (did you mean lora_alpha?)"),
+    ("train.learning_rate=1e-4", "train.learning_rate: unknown key (did you mean lr?)"),
+    ("train.num_epochs=3", "train.num_epochs: unknown key (did you mean epochs?)"),
+    ("lora.fan_in_fan_out=true", "lora.fan_in_fan_out: unknown key"),
+])
+def test_bad_values_are_config_errors_naming_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        build_config({"data": {"train": "x.jsonl"}}, [override])
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_paths_of_the_wrong_kind(tmp_path):
+    (tmp_path / "run.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"run.yaml: is a folder \(expected a config YAML file\)"):
+        load_config(tmp_path / "run.yaml")
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ConfigError, match=r"train.output_dir: \S+taken is a file \(expected a folder"):
+        build_config({"data": {"train": "x.jsonl"}, "train": {"output_dir": str(tmp_path / "taken")}})
+    with pytest.raises(ConfigError, match=r"train.output_dir: \S+taken/run is inside \S+taken, which is a file"):
+        build_config({"data": {"train": "x.jsonl"}, "train": {"output_dir": str(tmp_path / "taken" / "run")}})
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"data:\n  train: caf\xe9.jsonl\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml: line 2 is not UTF-8 text \(byte 0xe9\)"):
+        load_config(latin1)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("data: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(ConfigError, match="deep.yaml"):
+        load_config(deep)
+
+
+def test_a_utf8_bom_config_loads(tmp_path):
+    p = tmp_path / "bom.yaml"
+    p.write_bytes("\ufeffdata:\n  train: d.jsonl\n".encode())
+    assert load_config(p).data.train == str(tmp_path / "d.jsonl")

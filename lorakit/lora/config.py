@@ -67,7 +67,24 @@ def _is_rank(v) -> bool:
 
 
 def _is_alpha(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def target_modules_problem(tm) -> str | None:
+    """What is wrong with a `target_modules` value (names, a regex or 'all-linear'), or None."""
+    if isinstance(tm, str):
+        if not tm:
+            return "target_modules: empty string (expected names, a regex or 'all-linear')"
+        if tm != ALL_LINEAR:
+            try:
+                re.compile(tm)
+            except (re.error, RecursionError, OverflowError) as e:
+                return f"target_modules: {tm!r} is not a valid regular expression ({e})"
+        return None
+    if not (isinstance(tm, (list, tuple)) and tm and all(isinstance(t, str) and t for t in tm)):
+        return (f"target_modules: got {tm!r} (expected a non-empty list of module names, "
+                "a regex string, or 'all-linear')")
+    return None
 
 
 @dataclass
@@ -87,7 +104,7 @@ class LoraConfig:
     bias: str = "none"
     # Set when the wrapped layers store weight transposed (transformers' Conv1D, as in GPT-2).
     # Written for PEFT's sake; our layers read the orientation from the module itself.
-    fan_in_fan_out: bool = False
+    fan_in_fan_out: bool = field(default=False, metadata={"schema": False})
     # DoRA (Liu et al. 2024): a trained magnitude per output row over the normalised direction.
     use_dora: bool = False
     # Per-module rank and alpha: {pattern: value}, pattern matched against the end of the full
@@ -132,24 +149,20 @@ class LoraConfig:
         out = []
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             out.append(f"r: got {self.r!r} (expected an integer >= 1)")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            out.append(f"lora_alpha: got {self.lora_alpha!r} (expected a number > 0)")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+        if not _is_alpha(self.lora_alpha):
+            out.append(f"lora_alpha: got {self.lora_alpha!r} (expected a finite number > 0)")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
+                or not 0 <= self.lora_dropout < 1:
             out.append(f"lora_dropout: got {self.lora_dropout!r} (expected 0 <= p < 1)")
-        tm = self.target_modules
-        if isinstance(tm, str):
-            if not tm:
-                out.append("target_modules: empty string (expected names, a regex or 'all-linear')")
-        elif not (isinstance(tm, (list, tuple)) and tm and all(isinstance(t, str) and t for t in tm)):
-            out.append(f"target_modules: got {tm!r} (expected a non-empty list of module names, "
-                       "a regex string, or 'all-linear')")
+        if (problem := target_modules_problem(self.target_modules)) is not None:
+            out.append(problem)
         if self.bias != "none":
             out.append(f"bias: got {self.bias!r} (expected 'none'; bias training is not supported)")
         for name in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{name}: got {getattr(self, name)!r} (expected true or false)")
         for name, ok, expected in (("rank_pattern", _is_rank, "an integer >= 1"),
-                                   ("alpha_pattern", _is_alpha, "a number > 0")):
+                                   ("alpha_pattern", _is_alpha, "a finite number > 0")):
             pattern = getattr(self, name)
             if not isinstance(pattern, dict):
                 out.append(f"{name}: got {pattern!r} (expected a mapping of module pattern to value)")
@@ -160,7 +173,7 @@ class LoraConfig:
                     continue
                 try:
                     re.compile(key)
-                except re.error as e:
+                except (re.error, RecursionError, OverflowError) as e:
                     out.append(f"{name}.{key}: not a valid regular expression ({e})")
                 if not ok(value):
                     out.append(f"{name}.{key}: got {value!r} (expected {expected})")

@@ -1,8 +1,9 @@
 """`ServeConfig`: what `lorakit serve` serves and its limits; typed dataclasses, stored in YAML.
 
 As for training runs (lorakit/config.py, after litgpt's `args.py`): the dataclasses are the
-schema, YAML only stores them, dotted overrides (`limits.max_tokens=256`) change one field, and
-every unknown key or bad value is collected and reported at once in one `ConfigError`.
+schema, read by the one builder of lorakit/schema.py; YAML only stores them, dotted overrides
+(`limits.max_tokens=256`) change one field, and every unknown key or bad value is collected and
+reported at once in one `ConfigError`.
 
 Limit defaults follow what a small CPU deployment can hold; each one maps to an HTTP status
 (lorakit/serve/protocol.py): body size and prompt length 413, `max_tokens` and `n` above their
@@ -13,16 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-import yaml
-
-from lorakit.config import read_yaml_mapping
 from lorakit.errors import ConfigError
+from lorakit.lora.config import target_modules_problem
+from lorakit.schema import build, parse_value, raise_problems, read_yaml_mapping, set_dotted
 
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+DTYPES = typing.get_args(Dtype)
 
 
 @dataclass
@@ -47,10 +49,10 @@ class ServeConfig:
     max_lora_rank: int = 64  # slots are this wide; a higher-rank adapter is refused
     target_modules: list[str] | str = "all-linear"  # layers that get adapter slots
     api_key: str | None = None  # Bearer key for every route but /health; env LORAKIT_API_KEY
-    dtype: str = "auto"  # auto: bf16 where the device multiplies bf16 natively, else fp32
+    dtype: Dtype = "auto"  # auto: bf16 where the device multiplies bf16 natively, else fp32
     device: str = "cpu"
     pack_weights: bool = True  # bf16 on the CPU: frozen weights prepacked for oneDNN (same results, faster)
-    quantize_base: str | None = None  # nf4: base linear weights in 4-bit NF4 (QLoRA adapters)
+    quantize_base: Literal["nf4"] | None = None  # nf4: base linear weights in 4-bit NF4 (QLoRA adapters)
     prefix_cache_mb: int = 256  # keys/values of repeated prompt prefixes, per adapter; 0 = off
     prefix_block: int = 8  # tokens per prefix cache block (prefixes are reused in whole blocks)
     host: str = "127.0.0.1"
@@ -62,16 +64,15 @@ class ServeConfig:
 
 
 def _problems(cfg: ServeConfig) -> list[str]:
+    """Ranges and cross-field rules; types and choices were checked by the schema builder."""
     out = []
     for name in ("max_loras", "max_cpu_loras", "max_lora_rank"):
         if getattr(cfg, name) < 1:
             out.append(f"{name}: got {getattr(cfg, name)} (expected >= 1)")
     if cfg.max_cpu_loras < cfg.max_loras:
         out.append(f"max_cpu_loras: got {cfg.max_cpu_loras} (expected >= max_loras = {cfg.max_loras})")
-    if cfg.dtype not in DTYPES:
-        out.append(f"dtype: got {cfg.dtype!r} (expected one of {', '.join(DTYPES)})")
-    if cfg.quantize_base not in (None, "nf4"):
-        out.append(f"quantize_base: got {cfg.quantize_base!r} (expected nf4 or null)")
+    if (problem := target_modules_problem(cfg.target_modules)) is not None:
+        out.append(problem)
     if cfg.prefix_cache_mb < 0:
         out.append(f"prefix_cache_mb: got {cfg.prefix_cache_mb} (expected >= 0; 0 turns it off)")
     if cfg.prefix_block < 1:
@@ -89,60 +90,26 @@ def _problems(cfg: ServeConfig) -> list[str]:
     return out
 
 
-def _type_ok(value: Any, annotation: str) -> bool:
-    if annotation == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation == "bool":
-        return isinstance(value, bool)
-    if annotation == "str":
-        return isinstance(value, str)
-    if annotation == "str | None":
-        return value is None or isinstance(value, str)
-    if annotation == "list[str] | str":
-        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-    return True
-
-
-def _fill(obj, raw: dict, prefix: str, problems: list[str]) -> None:
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    for key, value in raw.items():
-        f = fields.get(key)
-        where = f"{prefix}{key}"
-        if f is None:
-            problems.append(f"{where}: unknown key (expected one of {', '.join(fields)})")
-        elif dataclasses.is_dataclass(getattr(obj, key)):
-            if isinstance(value, dict):
-                _fill(getattr(obj, key), value, where + ".", problems)
-            else:
-                problems.append(f"{where}: expected a mapping of its fields, got {value!r}")
-        elif not _type_ok(value, str(f.type)):
-            problems.append(f"{where}: got {value!r} (expected {f.type})")
-        else:
-            setattr(obj, key, value)
-
-
 def build_serve_config(raw: dict | None = None, overrides: list[str] = (),
                        source: str = "config") -> ServeConfig:
     """A checked `ServeConfig` from a dict (as read from YAML) and `key.sub=value` overrides."""
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
-    raw = dict(raw or {})
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
     problems: list[str] = []
     for text in overrides:
         key, sep, value = text.partition("=")
-        if not sep or not key:
+        key = key.strip()
+        if not sep or not key or "" in key.split("."):
             problems.append(f"override {text!r}: expected key=value (e.g. limits.max_tokens=256)")
             continue
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value) if value else ""
-    cfg = ServeConfig()
-    _fill(cfg, raw, "", problems)
-    problems += _problems(cfg) if not problems else []
-    if problems:
-        raise ConfigError(f"{source}: invalid serve config:\n  " + "\n  ".join(problems))
+        try:
+            set_dotted(raw, key, parse_value(value))
+        except ConfigError as e:
+            problems.append(f"override {text!r}: {e}")
+    cfg = build(ServeConfig, raw, problems)
+    problems += _problems(cfg)  # on the values that passed (defaults for the others)
+    raise_problems(source, problems)
     return cfg
 
 

@@ -24,7 +24,6 @@ checked before the first one trains, and every problem is reported at once.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -37,8 +36,9 @@ from typing import Any
 
 import yaml
 
-from lorakit.config import RunConfig, build_config, load_config, parse_override, read_yaml_mapping
+from lorakit.config import RunConfig, build_config, load_config, parse_override
 from lorakit.errors import ConfigError
+from lorakit.schema import build, raise_problems, read_yaml_mapping
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -53,7 +53,7 @@ class SweepConfig:
     trials: int = 0  # random search only: how many draws
     seed: int = 0  # random search only
     keep_checkpoints: bool = False
-    source: str | None = None  # the YAML file it was read from
+    source: str | None = field(default=None, metadata={"schema": False})  # the YAML file read
 
     @property
     def base_dir(self) -> Path:
@@ -187,25 +187,6 @@ def random_trials(space: dict, n: int, seed: int, problems: list[str]) -> list[T
     return trials
 
 
-def _type_problems(raw: dict) -> list[str]:
-    p = []
-    fields = {f.name: f for f in dataclasses.fields(SweepConfig) if f.name != "source"}
-    for key in raw:
-        if key not in fields:
-            p.append(f"{key}: unknown key (expected one of {', '.join(fields)})")
-    checks = {"base": (str, dict), "output_dir": str, "overrides": list, "grid": (dict, list),
-              "random": dict, "keep_checkpoints": bool}
-    for key, types in checks.items():
-        if key in raw and raw[key] is not None and not isinstance(raw[key], types):
-            p.append(f"{key}: got {raw[key]!r} (expected {fields[key].type})")
-    for key in ("trials", "seed"):
-        if key in raw and (not isinstance(raw[key], int) or isinstance(raw[key], bool)):
-            p.append(f"{key}: got {raw[key]!r} (expected int)")
-    if isinstance(raw.get("overrides"), list) and not all(isinstance(o, str) for o in raw["overrides"]):
-        p.append("overrides: expected a list of section.key=value strings")
-    return p
-
-
 def _semantic_problems(s: SweepConfig) -> list[str]:
     p = []
     if not s.base:
@@ -238,12 +219,10 @@ def load_sweep(path: str | Path, sweep_overrides: list[str] = ()) -> SweepConfig
             problems.append(f"override {text!r}: expected sweep.key=value")
         else:
             raw[name] = value
-    problems += _type_problems(raw)
-    if not problems:
-        sweep = SweepConfig(**raw, source=str(path))
-        problems += _semantic_problems(sweep)
-    if problems:
-        raise ConfigError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    sweep = build(SweepConfig, raw, problems)
+    sweep.source = str(path)
+    problems += _semantic_problems(sweep)
+    raise_problems(str(path), problems)
     return sweep
 
 

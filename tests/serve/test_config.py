@@ -44,3 +44,17 @@ def test_every_problem_listed(tmp_path, monkeypatch):
         load_serve_config(tmp_path / "broken.yaml")
     monkeypatch.setenv("LORAKIT_API_KEY", "sk-from-env-1")
     assert load_serve_config(None).resolved_api_key() == "sk-from-env-1"
+
+
+def test_serve_values_checked_by_the_shared_builder():
+    for override, fragment in [("pack_weights='no'", "pack_weights: got 'no' (expected bool)"),
+                               ("target_modules=q_proj[", "target_modules: 'q_proj[' is not a valid "
+                                                          "regular expression"),
+                               ("quantize_base=nf8", "quantize_base: got 'nf8' (expected nf4 or null)"),
+                               ("limits=5", "limits: expected a mapping of its keys, got 5"),
+                               ("limits.max_tokens=[1,", "override 'limits.max_tokens=[1,'"),
+                               ("port=1e99", "port: got '1e99' (expected int)"),
+                               ("max_lora=3", "max_lora: unknown key (did you mean max_loras?)")]:
+        with pytest.raises(ConfigError) as e:
+            load_serve_config(None, [override])
+        assert fragment in str(e.value), (override, str(e.value))

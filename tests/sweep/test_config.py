@@ -127,3 +127,14 @@ def test_trial_overrides_round_trip():
                     "data.system_prompt": "a=b: c"})
     assert t.overrides() == ['lora.target_modules=["q_proj", "v_proj"]', "train.lr=1e-05",
                              'data.system_prompt="a=b: c"']
+
+
+def test_sweep_keys_checked_by_the_shared_builder(tmp_path):
+    path = write(tmp_path, {"grid": {"train.lr": [1e-3]}, "keep_checkpoints": "no", "trials": 1.5,
+                            "overrides": [1], "seeds": 2})
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path)
+    msg = str(e.value)
+    for fragment in ("keep_checkpoints: got 'no' (expected bool)", "trials: got 1.5 (expected int)",
+                     "overrides: got [1] (expected list[str])", "seeds: unknown key (did you mean seed?)"):
+        assert fragment in msg, msg
