@@ -1,12 +1,14 @@
 """The `lorakit` command: one table of subcommands, each a plain function (litgpt's __main__ style).
 
-Every command prints a one-line message and exits 2 on bad input (a `LorakitError`), with no
-traceback; `LORAKIT_DEBUG=1` shows the traceback.
+Every command ends a user error (a `LorakitError`, or the operating system refusing a path: a
+full or read-only disk, a file where a folder belongs) with one line, `lorakit CMD: error: ...`,
+and exit 2, with no traceback; `--debug` (or `LORAKIT_DEBUG=1`) shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -14,6 +16,11 @@ import sys
 from lorakit.errors import LorakitError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# errno -> what to do about it, for disk faults the CLI reports in one line.
+_DISK_ERRNOS = {errno.ENOSPC: " (the disk is full; free space or choose another folder)",
+                errno.EROFS: " (read-only file system; choose a writable folder)",
+                errno.EACCES: " (permission denied; choose a folder you can write)",
+                errno.EDQUOT: " (disk quota exceeded)"}
 
 
 def _console():
@@ -93,6 +100,8 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     console = _console()
     result = train(cfg, resume=args.resume, console=console)
+    if result.rank != 0:  # under torchrun rank 0 reports and evaluates, once
+        return 0
     what = "adapter" if result.method == "lora" else "model"
     console.print(f"[green]{what} written to[/] {result.adapter_dir} "
                   f"({result.steps} steps, {result.seconds:.0f} s, final loss {result.train_loss:.4f}"
@@ -274,16 +283,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_error(e: BaseException) -> str | None:
+    """The one-line message for an error the user can act on, or None for a bug. A `LorakitError`
+    names what was wrong itself; an `OSError` on a path (read-only or full disk, a file where a
+    folder is needed) is the machine's answer about that path."""
+    if isinstance(e, LorakitError):
+        return str(e)
+    if isinstance(e, OSError) and (e.filename or e.errno in _DISK_ERRNOS):
+        what = e.strerror or type(e).__name__
+        where = f"{e.filename}: " if e.filename else ""
+        hint = _DISK_ERRNOS.get(e.errno, "")
+        return f"{where}{what}{hint}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # --debug anywhere on the line shows the traceback of an error (as LORAKIT_DEBUG=1 does).
+    debug = "--debug" in argv or bool(os.environ.get("LORAKIT_DEBUG"))
+    args = _parser().parse_args([a for a in argv if a != "--debug"])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         return args.fn(args)
-    except LorakitError as e:
-        if os.environ.get("LORAKIT_DEBUG"):
+    except (LorakitError, OSError) as e:
+        message = _user_error(e)
+        if debug or message is None:
             raise
-        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        print(f"lorakit {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
