@@ -29,13 +29,14 @@ def _console():
     return Console()
 
 
-def _load(model_spec: str, adapter: str | None = None, dtype: str = "fp32", device: str = "auto",
+def _load(model_spec: str, adapter: str | None = None, dtype: str = "auto", device: str = "auto",
           force: bool = False):
     from lorakit.adapters import load_adapter
-    from lorakit.device import dtype_of, resolve_device
+    from lorakit.device import resolve_device, resolve_dtype
     from lorakit.models import load_base
 
-    model, tokenizer = load_base(model_spec, dtype=dtype_of(dtype), device=resolve_device(device))
+    device = resolve_device(device)
+    model, tokenizer = load_base(model_spec, dtype=resolve_dtype(dtype, device), device=device)
     cfg = load_adapter(model, adapter, force=force) if adapter else None
     return model, tokenizer, cfg
 
@@ -200,7 +201,9 @@ def _parser() -> argparse.ArgumentParser:
         if adapter:
             sp.add_argument("--adapter", help="adapter directory (PEFT format)")
             sp.add_argument("--force", action="store_true", help="load onto a different base anyway")
-        sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+        # One dtype policy with `lorakit serve`: auto is bf16 where the device multiplies bf16
+        # natively, else fp32, so a prompt gets the same answer from generate, eval and serve.
+        sp.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
         sp.add_argument("--device", default="auto")
 
     sp = add("info", cmd_info, "parameter counts, with and without a LoRA")

@@ -97,15 +97,16 @@ def evaluate_run(cfg, adapter_dir, model=None, tokenizer=None, console=None) -> 
 
 def evaluate_files(model_spec: str, adapter_dir: str | None, data: str, out_dir: str,
                    task: str = "auto", compare: bool = False, batch_size: int = 16,
-                   max_examples: int = 0, dtype: str = "fp32", device: str = "auto",
+                   max_examples: int = 0, dtype: str = "auto", device: str = "auto",
                    console=None, quantize_base: str | None = None) -> dict:
     """`lorakit eval`: a model spec, an optional adapter, a data file (`quantize_base="nf4"`:
     on the NF4 base a QLoRA adapter was trained on)."""
     from lorakit.adapters import load_adapter
-    from lorakit.device import dtype_of, resolve_device
+    from lorakit.device import resolve_device, resolve_dtype
     from lorakit.models import load_base
 
-    model, tokenizer = load_base(model_spec, dtype=dtype_of(dtype), device=resolve_device(device))
+    device = resolve_device(device)
+    model, tokenizer = load_base(model_spec, dtype=resolve_dtype(dtype, device), device=device)
     if quantize_base == "nf4":
         from lorakit.lora.quant import quantize_base_nf4
 
