@@ -35,3 +35,8 @@ class DataError(LorakitError):
 
 class ExportError(LorakitError):
     """An export that cannot be done: unsupported model or adapter, bad output path or type."""
+
+
+class StorageError(LorakitError):
+    """A file or folder cannot be written: read-only or full disk, no permission, or a file where
+    a folder is expected (the path and the reason are named)."""

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lorakit.atomic import atomic_file
 from lorakit.errors import ExportError
 
 FORMATS = ("gguf", "gguf-lora")
@@ -125,7 +124,7 @@ def progress_bar(enabled: bool, description: str, total: int) -> contextlib.Abst
 
 
 # ---------------------------------------------------------------------------------------------
-# The output file: checked up front, written atomically
+# The output file: checked up front (written with lorakit.atomic.atomic_file)
 # ---------------------------------------------------------------------------------------------
 
 def check_out_path(out: Path) -> None:
@@ -135,27 +134,6 @@ def check_out_path(out: Path) -> None:
     if not out.parent.is_dir():
         raise ExportError(f"{out}: folder {out.parent} does not exist (expected the output file's "
                           "folder to exist; create it first)")
-
-
-def write_atomic(out: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary sibling of `out`, fsync it, and rename it over `out`.
-
-    A crash or an error leaves `out` as it was (absent, or the previous file) and no temporary file.
-    """
-    from lorakit.adapters.io import _fsync_dir
-
-    # Not mkstemp: GGUFWriter creates the file itself, so it gets the umask's usual mode.
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,17 +206,17 @@ def export(model_spec: str, adapter_dir: str | Path, out: str | Path, fmt: str =
 
         merge_and_unload(model, safe=True)
         pre = tokenizer_pre or info.get("tokenizer_pre")
-        count = []
-        write_atomic(out, lambda tmp: count.append(write_model_gguf(
-            model, tokenizer, tmp, outtype, name=info["name"], tokenizer_pre=pre, progress=progress)))
+        with atomic_file(out) as tmp:  # GGUFWriter creates the file, with the umask's mode
+            count = write_model_gguf(model, tokenizer, tmp, outtype, name=info["name"],
+                                     tokenizer_pre=pre, progress=progress)
     else:
         from lorakit.adapters.gguf_lora import write_lora_gguf
 
-        count = []
-        write_atomic(out, lambda tmp: count.append(write_lora_gguf(
-            files, model.config, tmp, outtype, name=f"{info['name']} LoRA {Path(adapter_dir).name}",
-            progress=progress)))
-    return ExportResult(path=out, bytes=out.stat().st_size, tensors=count[0], outtype=outtype)
+        with atomic_file(out) as tmp:
+            count = write_lora_gguf(files, model.config, tmp, outtype,
+                                    name=f"{info['name']} LoRA {Path(adapter_dir).name}",
+                                    progress=progress)
+    return ExportResult(path=out, bytes=out.stat().st_size, tensors=count, outtype=outtype)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lorakit.atomic import atomic_dir
 from lorakit.errors import AdapterError
 from lorakit.lora.config import ALL_LINEAR, LoraConfig
 from lorakit.lora.inject import PEFT_PREFIX, inject, is_linear, lora_layers, lora_state_dict
@@ -58,26 +56,6 @@ class AdapterFiles:
         """(A (r, d_in), B (d_out, r)) of one module."""
         return (self.tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"],
                 self.tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished directory into place; an old one is removed only after the move."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    _fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _pissa_as_lora_config(cfg: LoraConfig) -> LoraConfig:
@@ -131,22 +109,12 @@ def write_adapter_files(tensors: dict[str, torch.Tensor], config: dict, metadata
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
                   str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **metadata})
         with open(tmp / CONFIG_NAME, "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

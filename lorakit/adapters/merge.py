@@ -7,15 +7,13 @@ config, tokenizer) that `AutoModelForCausalLM.from_pretrained` loads with no lor
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lorakit.adapters.io import AdapterFiles, _fsync_dir, _replace_dir
+from lorakit.adapters.io import AdapterFiles
+from lorakit.atomic import atomic_dir
 from lorakit.errors import MergeError
 
 
@@ -112,18 +110,7 @@ def merge_to_directory(model_spec: str, adapter_dir: str | Path, out_dir: str | 
         raise MergeError(f"quantize_base: got {quantize_base!r} (expected nf4 or none)")
     model = model.to(dtype_of(dtype))
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        for p in tmp.iterdir():
-            if p.is_file():
-                with open(p, "rb+") as f:
-                    os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return MergeResult(out, drift, drift_original, n_tokens)

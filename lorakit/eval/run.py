@@ -26,11 +26,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from lorakit.atomic import write_text
 from lorakit.errors import DataError, LorakitError
 from lorakit.eval.metrics import classification_report
 
@@ -271,24 +271,14 @@ def _json_ready(obj):
     return obj
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one, never a partial write."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_report(results: dict, out_dir) -> tuple[Path, Path]:
     """Write report.json (everything, including per-row predictions) and report.md into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(results)
     json_path, md_path = out / REPORT_JSON, out / REPORT_MD
-    _atomic_write(json_path, json.dumps(_json_ready(results), indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(md_path, md)
+    write_text(json_path, json.dumps(_json_ready(results), indent=2, ensure_ascii=False) + "\n")
+    write_text(md_path, md)
     return json_path, md_path
 
 

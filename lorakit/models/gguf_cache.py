@@ -6,12 +6,13 @@ bundled 135M model on 2 CPU cores). We do it once and keep the result as a plain
 directory under `lorakit_home()/models/<file stem>-<first 16 hex of the file's sha256>/`, which
 loads in about a second.
 
-The cache follows the usual write-then-rename recipe (as git objects and pip's wheel cache do):
-each converter writes into its own temporary sibling directory, fsyncs every file and the
-directory, writes a manifest last, and renames the directory into place. A directory under the
-final name is therefore always complete; a crash leaves only a `.tmp-` sibling, which is never
-read and is removed by the next converter. An advisory lock (POSIX `flock`) keeps concurrent
-converters from doing the work twice; without it the rename alone still keeps the cache whole.
+The cache follows the usual write-then-rename recipe (`lorakit.atomic.atomic_dir`, as git
+objects and pip's wheel cache do): each converter writes into its own temporary sibling
+directory, writes a manifest last, fsyncs every file and folder, and renames it into place. A
+directory under the final name is therefore always complete; a crash leaves only a `.tmp-`
+sibling, which is never read and is removed by the next converter. An advisory lock (POSIX
+`flock`) keeps concurrent converters from doing the work twice; without it the rename alone still
+keeps the cache whole.
 
 File hashes are remembered in `models/gguf_sha256.json`, keyed by (absolute path, size, mtime),
 so a 100 MB file is hashed again only when it changes.
@@ -23,14 +24,14 @@ import contextlib
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import sys
 import threading
 import time
 from pathlib import Path
 
-from lorakit.errors import ModelLoadError
+from lorakit.atomic import atomic_dir, atomic_file
+from lorakit.errors import ModelLoadError, StorageError
 from lorakit.paths import lorakit_home
 
 # transformers' from_pretrained swaps class attributes (PreTrainedModel.tie_weights,
@@ -104,25 +105,9 @@ def _read_hashes(file: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _unique_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
 def _write_json_atomic(file: Path, data: dict) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _unique_sibling(file)
-    # os.open with 0o666 honours the umask, unlike mkstemp's private 0o600.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(file) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
 
 
 def file_sha256(path: Path) -> str:
@@ -143,7 +128,8 @@ def file_sha256(path: Path) -> str:
     # Re-read just before writing so entries added meanwhile by other processes are kept.
     hashes = _read_hashes(hashes_file)
     hashes[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    with contextlib.suppress(OSError):  # a read-only home still loads, it just rehashes next time
+    # A read-only or full home still loads, it just rehashes next time.
+    with contextlib.suppress(OSError, StorageError):
         _write_json_atomic(hashes_file, hashes)
     return digest
 
@@ -178,38 +164,15 @@ def _exclusive(lock_file: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _finish_files(root: Path) -> None:
-    """Make every file readable as the umask allows, and flush files and folders to disk."""
+def _umask_modes(root: Path) -> None:
+    """Make every file readable as the umask allows."""
     # safetensors writes private 0o600 files; give them the folder's permissions (made by mkdir,
     # so the umask's), read-write without execute. Reading the umask itself would change it.
     mode = root.stat().st_mode & 0o666
-    for p in sorted(root.rglob("*")):
+    for p in root.rglob("*"):
         if p.is_file():
             with contextlib.suppress(OSError):
                 os.chmod(p, mode)
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    for d in [*(p for p in root.rglob("*") if p.is_dir()), root]:
-        _fsync_dir(d)
-
-
-def _fsync_dir(d: Path) -> None:
-    # Directory fsync makes the rename durable on POSIX; Windows cannot open directories.
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _discard(d: Path) -> None:
-    """Remove a directory by first renaming it aside, so no reader ever sees it half-deleted."""
-    aside = d.with_name(f".{d.name}.tmp-discard-{os.getpid()}-{time.monotonic_ns()}")
-    with contextlib.suppress(OSError):
-        os.rename(d, aside)
-        d = aside
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _convert_into(gguf_path: Path, out: Path, arch: str) -> None:
@@ -264,37 +227,18 @@ def convert_gguf(gguf_path: Path) -> Path:
             # Holding the lock, any temporary sibling belongs to a converter that died.
             for stale in root.glob(f".{final.name}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        tmp = _unique_sibling(final)
-        tmp.mkdir()  # mode 0o777 minus the umask (mkdtemp would make it private)
-        try:
-            print(f"lorakit: converting {gguf_path.name} ({arch}) to safetensors once, into {final} "
-                  f"(dequantizing every tensor; later loads read this cache)", file=sys.stderr, flush=True)
-            start = time.perf_counter()
+        print(f"lorakit: converting {gguf_path.name} ({arch}) to safetensors once, into {final} "
+              f"(dequantizing every tensor; later loads read this cache)", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        # An incomplete directory under the final name (left by hand or an older tool) is replaced.
+        with atomic_dir(final) as tmp:
             _convert_into(gguf_path, tmp, arch)
             manifest = {"source": str(gguf_path), "sha256": sha, "architecture": arch,
                         "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "transformers_version": _version("transformers"), "gguf_version": _version("gguf")}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            _finish_files(tmp)
-            if is_complete(final):
-                # Only possible without flock: a concurrent converter finished first, and its
-                # copy is as good as ours.
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                if final.exists():  # incomplete, left by hand or an older tool: replace it
-                    _discard(final)
-                try:
-                    os.rename(tmp, final)
-                except OSError:
-                    # Without flock a concurrent converter can also win between check and rename.
-                    if not is_complete(final):
-                        raise
-                    shutil.rmtree(tmp, ignore_errors=True)
-            _fsync_dir(root)
-            print(f"lorakit: converted in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            _umask_modes(tmp)
+        print(f"lorakit: converted in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return final
 
 

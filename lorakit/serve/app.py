@@ -4,11 +4,14 @@ Routes follow OpenAI's API (`GET /v1/models`, `POST /v1/completions`, `POST /v1/
 with `stream: true` as server-sent events ending in `data: [DONE]`) and vLLM's extensions
 (`top_k`, models listing adapters with `parent` = the base, `/v1/load_lora_adapter` and
 `/v1/unload_lora_adapter`). `/admin/adapters...` registers, loads, unloads, pins and removes
-adapters; `/health` needs no key; `/metrics` is Prometheus text.
+adapters; `/health` needs no key; `/metrics` is Prometheus text; `/openapi.json` is the OpenAPI
+schema FastAPI builds, with the request models of lorakit/serve/protocol.py as the bodies.
 
-Every route but `/health` requires `Authorization: Bearer <key>` when a key is configured. Bodies
-are read with a size cap before parsing, requests are checked completely before anything is
-queued, and a full queue answers 503 at once rather than holding the connection.
+Every route but `/health` and `/openapi.json` requires `Authorization: Bearer <key>` when a key is
+configured. Bodies are read with a size cap before parsing, requests are checked completely before
+anything is queued, and a full queue answers 503 at once rather than holding the connection. A
+client that goes away, streaming or not, has its sequences cancelled at the next step, as vLLM's
+server does, so an abandoned request does not hold a batch row to its end.
 
 `serve(config)` is the `lorakit serve` entry point; `ServerThread` runs the same server in a
 background thread (tests, benchmarks).
@@ -18,36 +21,73 @@ background thread (tests, benchmarks).
 import asyncio
 import hmac
 import json
+import logging
 import threading
 import time
 
+from lorakit.errors import AdapterError, LorakitError
 from lorakit.serve.config import ServeConfig
 from lorakit.serve.engine import Overloaded, Request
 from lorakit.serve.metrics import CONTENT_TYPE, HttpCounters, render
 from lorakit.serve.protocol import (
-    ApiError, chat_body, chunk_body, completion_body, new_id, parse_request, usage, usage_chunk,
+    REQUEST_MODELS, ApiError, ChatCompletionRequest, CompletionRequest, LoadAdapter, LoraAdapter,
+    RegisterAdapter, chat_body, chunk_body, completion_body, new_id, parse_json, parse_request,
+    usage, usage_chunk, validate,
 )
 from lorakit.serve.service import Service, build_service
+
+log = logging.getLogger("lorakit.serve")
 
 
 async def _read_json(request, limit: int) -> object:
     """The body parsed as JSON, refusing more than `limit` bytes (chunked bodies included)."""
+    from starlette.requests import ClientDisconnect
+
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is {declared} bytes, above the limit of {limit}",
                        code="body_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"the request body is above the limit of {limit} bytes",
-                           code="body_too_large")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"the request body is above the limit of {limit} bytes",
+                               code="body_too_large")
+    except ClientDisconnect:  # nobody reads the answer; the status is for the access log
+        raise ApiError(400, "the client went away before sending the whole body") from None
     if not body:
         return {}
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    return parse_json(bytes(body))
+
+
+def generation_error(error: Exception) -> ApiError:
+    """The HTTP error for a request the engine failed: its adapter's fault 400, shutting down 503,
+    anything else a fault of the server, 500, with its message."""
+    if isinstance(error, AdapterError):
+        return ApiError(400, f"generation failed: {error}", param="model", code="adapter_failed")
+    if isinstance(error, LorakitError):
+        return ApiError(503, f"generation failed: {error}", code="unavailable")
+    return ApiError(500, f"generation failed: {type(error).__name__}: {error}",
+                    code="generation_failed")
+
+
+def _json_body(model) -> dict:
+    """`openapi_extra` naming `model` (a protocol.py request model) as a route's JSON body."""
+    return {"requestBody": {"required": model is not LoadAdapter, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+_ERRORS = {status: {"description": text, "content": {"application/json": {"schema": {
+    "$ref": "#/components/schemas/ErrorResponse"}}}}
+    for status, text in [(400, "bad request"), (401, "missing or wrong API key"),
+                         (404, "unknown model, adapter or route"), (409, "adapter exists or in use"),
+                         (413, "body or prompt too large"), (422, "over a limit"),
+                         (500, "a fault of the server"), (503, "overloaded or unhealthy")]}
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 
 
 def _sse(obj: dict | str) -> bytes:
@@ -80,7 +120,31 @@ def create_app(service: Service, run_engine: bool = True):
             await run_in_threadpool(service.stop)
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url="/openapi.json")
+
+    def openapi() -> dict:
+        """FastAPI's schema, with the request models and the error body as components."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+            from pydantic.json_schema import models_json_schema
+
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            _, defs = models_json_schema([(m, "validation") for m in REQUEST_MODELS],
+                                         ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(defs["$defs"])
+            components["ErrorResponse"] = _ERROR_SCHEMA
+            if api_key is not None:
+                schema["components"]["securitySchemes"] = {"bearer": {"type": "http",
+                                                                      "scheme": "bearer"}}
+                schema["security"] = [{"bearer": []}]
+                for path in ("/health", "/openapi.json"):
+                    for op in schema["paths"].get(path, {}).values():
+                        op["security"] = []
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     def error_response(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -89,7 +153,7 @@ def create_app(service: Service, run_engine: bool = True):
     async def auth_and_count(request: HttpRequest, call_next):
         start = time.monotonic()
         path = request.url.path
-        if api_key is not None and path != "/health":
+        if api_key is not None and path not in ("/health", "/openapi.json"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 response = error_response(ApiError(
@@ -109,6 +173,19 @@ def create_app(service: Service, run_engine: bool = True):
     async def api_error(_request, e: ApiError):
         return error_response(e)
 
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(ApiError(400, f"{where}: {first.get('msg', 'invalid request')}"))
+
+    @app.exception_handler(Exception)
+    async def server_fault(_request, e: Exception):  # logged with its traceback by Starlette
+        return error_response(ApiError(500, f"internal server error: {type(e).__name__}: {e}",
+                                       code="internal_error"))
+
     @app.exception_handler(404)
     async def not_found(request, _e):
         return error_response(ApiError(404, f"no route {request.method} {request.url.path}",
@@ -121,9 +198,13 @@ def create_app(service: Service, run_engine: bool = True):
 
     @app.get("/health")
     async def health():
-        alive = service.engine.alive
-        return JSONResponse({"status": "ok" if alive else "engine stopped"},
-                            status_code=200 if alive else 503)
+        engine = service.engine
+        if engine.healthy:
+            return JSONResponse({"status": "ok"})
+        status = ("engine stopped" if not engine.alive else
+                  f"engine stalled: one step has run for {engine.stalled_for():.0f} s "
+                  f"(limit {engine.stall_timeout:g} s)")
+        return JSONResponse({"status": status}, status_code=503)
 
     @app.get("/metrics")
     async def metrics():
@@ -168,18 +249,31 @@ def create_app(service: Service, run_engine: bool = True):
         if req.stream:
             return StreamingResponse(_stream(rid, req, chat, jobs, events, prompt_tokens),
                                      media_type="text/event-stream")
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, jobs))
         pending = set(range(len(jobs)))
-        while pending:
-            i, kind, x = await events.get()
-            if kind == "error":
-                for job in jobs:
+        try:
+            while pending:
+                i, kind, x = await events.get()
+                if kind == "error":
+                    raise generation_error(x)
+                if kind == "done":
+                    pending.discard(i)
+        finally:  # done, failed, or the client went away: free the rows either way
+            watcher.cancel()
+            for job in jobs:
+                if not job.finished:
                     service.engine.cancel(job)
-                raise ApiError(400, f"generation failed: {x}", code="generation_failed")
-            if kind == "done":
-                pending.discard(i)
         choices = [(job.text, job.finish_reason) for job in jobs]
         use = usage(prompt_tokens * req.n, sum(len(j.output_ids) for j in jobs))
         return (chat_body if chat else completion_body)(rid, req.model, choices, use)
+
+    async def _cancel_on_disconnect(request: HttpRequest, jobs: list[Request]) -> None:
+        """Wait for the client to go away (the body is read: what comes next is the disconnect),
+        then cancel its sequences; the engine drops them at its next step."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        for job in jobs:
+            service.engine.cancel(job)
 
     async def _stream(rid, req, chat, jobs, events, prompt_tokens):
         pending = set(range(len(jobs)))
@@ -196,8 +290,7 @@ def create_app(service: Service, run_engine: bool = True):
                     yield _sse(chunk_body(rid, req.model, chat, i, None, x))
                 else:
                     pending.discard(i)
-                    yield _sse(ApiError(400, f"generation failed: {x}",
-                                        code="generation_failed").body())
+                    yield _sse(generation_error(x).body())
             if req.include_usage:
                 use = usage(prompt_tokens * req.n, sum(len(j.output_ids) for j in jobs))
                 yield _sse(usage_chunk(rid, req.model, chat, use))
@@ -207,69 +300,76 @@ def create_app(service: Service, run_engine: bool = True):
                 if not job.finished:
                     service.engine.cancel(job)
 
-    @app.post("/v1/completions")
+    generation_responses = {200: {"description": "the completion (JSON), or server-sent events "
+                                  "with `stream: true`", "content": {
+                                      "application/json": {"schema": {"type": "object"}},
+                                      "text/event-stream": {"schema": {"type": "string"}}}},
+                            **_ERRORS}
+
+    @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest),
+              responses=generation_responses)
     async def completions(request: HttpRequest):
         return await generate(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest),
+              responses=generation_responses)
     async def chat_completions(request: HttpRequest):
         return await generate(request, chat=True)
 
     # -- admin -------------------------------------------------------------------------------
 
-    def field(body, key, kind, default=None, required=False):
-        value = body.get(key, default) if isinstance(body, dict) else None
-        if (required and value is None) or (value is not None and not isinstance(value, kind)):
-            raise ApiError(400, f"{key}: expected {kind.__name__}" + (" (required)" if required else ""),
-                           param=key)
-        return value
-
     @app.get("/admin/adapters")
     async def admin_list():
         snap = await run_in_threadpool(service.snapshot)
         data = [{**r.to_json(), "slot": snap["slots"].get(r.name),
-                 "cpu_resident": r.name in snap["cpu_resident"], "fits_base": service.fits_base(r)}
-                for r in service.registry.list()]
+                 "cpu_resident": r.name in snap["cpu_resident"], "fits_base": service.fits_base(r),
+                 "error": r.error or snap["errors"].get(r.name)}
+                for r in await run_in_threadpool(service.registry.list)]
         return {"object": "list", "data": data, "cache": snap}
 
-    @app.post("/admin/adapters", status_code=201)
+    @app.post("/admin/adapters", status_code=201, openapi_extra=_json_body(RegisterAdapter),
+              responses=_ERRORS)
     async def admin_register(request: HttpRequest):
-        body = await _read_json(request, limits.max_body_bytes)
-        rec = await run_in_threadpool(
-            service.register, field(body, "name", str, required=True), field(body, "path", str),
-            bool(field(body, "replace", bool, False)), bool(field(body, "pin", bool, False)))
+        body = validate(RegisterAdapter, await _read_json(request, limits.max_body_bytes))
+        rec = await run_in_threadpool(service.register, body.name, body.path, body.replace,
+                                      body.pin)
         return JSONResponse(rec.to_json(), status_code=201)
 
-    @app.delete("/admin/adapters/{name}")
+    @app.delete("/admin/adapters/{name}", responses=_ERRORS)
     async def admin_remove(name: str):
         await run_in_threadpool(service.remove, name)
         return {"name": name, "removed": True}
 
-    @app.post("/admin/adapters/{name}/{action}")
-    async def admin_action(name: str, action: str, request: HttpRequest):
-        body = await _read_json(request, limits.max_body_bytes)
-        if action == "load":
-            return await run_in_threadpool(service.load, name, bool(field(body, "pin", bool, False)))
-        if action == "unload":
-            return await run_in_threadpool(service.unload, name)
-        if action in ("pin", "unpin"):
-            return await run_in_threadpool(service.set_pinned, name, action == "pin")
-        raise ApiError(404, f"unknown admin action {action!r} (expected load, unload, pin, unpin)")
+    @app.post("/admin/adapters/{name}/load", openapi_extra=_json_body(LoadAdapter),
+              responses=_ERRORS)
+    async def admin_load(name: str, request: HttpRequest):
+        body = validate(LoadAdapter, await _read_json(request, limits.max_body_bytes))
+        return await run_in_threadpool(service.load, name, body.pin)
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/admin/adapters/{name}/unload", responses=_ERRORS)
+    async def admin_unload(name: str):
+        return await run_in_threadpool(service.unload, name)
+
+    @app.post("/admin/adapters/{name}/pin", responses=_ERRORS)
+    async def admin_pin(name: str):
+        return await run_in_threadpool(service.set_pinned, name, True)
+
+    @app.post("/admin/adapters/{name}/unpin", responses=_ERRORS)
+    async def admin_unpin(name: str):
+        return await run_in_threadpool(service.set_pinned, name, False)
+
+    @app.post("/v1/load_lora_adapter", openapi_extra=_json_body(LoraAdapter), responses=_ERRORS)
     async def vllm_load(request: HttpRequest):
-        body = await _read_json(request, limits.max_body_bytes)
-        name = field(body, "lora_name", str, required=True)
-        await run_in_threadpool(service.register, name, field(body, "lora_path", str), True)
-        await run_in_threadpool(service.load, name)
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+        body = validate(LoraAdapter, await _read_json(request, limits.max_body_bytes))
+        await run_in_threadpool(service.register, body.lora_name, body.lora_path, True)
+        await run_in_threadpool(service.load, body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", openapi_extra=_json_body(LoraAdapter), responses=_ERRORS)
     async def vllm_unload(request: HttpRequest):
-        body = await _read_json(request, limits.max_body_bytes)
-        name = field(body, "lora_name", str, required=True)
-        await run_in_threadpool(service.remove, name)
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+        body = validate(LoraAdapter, await _read_json(request, limits.max_body_bytes))
+        await run_in_threadpool(service.remove, body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     return app
 

@@ -14,6 +14,13 @@ One engine thread owns the model, the KV cache and the adapter slots. Other thre
 requests and receive events through each request's `on_event` callback; admin operations that
 touch slots run on the engine thread through `call`, between forward passes.
 
+A fault belongs to the request that caused it, as in vLLM and llama.cpp's server: an adapter
+that cannot be loaded or put in a slot, a prompt the model cannot run (a prefill that fails is
+retried one newcomer at a time to find it), non-finite output from a row's adapter, or a draw that
+fails fails that request alone, with its error, and the batch goes on. Only a fault no single
+request explains (a decode step failing for every row) fails the running batch. A step that runs
+longer than `stall_timeout` seconds marks the engine unhealthy (`healthy`, `/health`).
+
 Which thread that is matters on the CPU. PyTorch's CPU builds run their parallel regions on GNU
 OpenMP, whose idle workers spin between regions only while the process has no more OpenMP
 threads than CPUs; past that (and the process's main thread always counts as one) they sleep, and
@@ -41,7 +48,9 @@ from lorakit.serve.cache import AdapterCache
 from lorakit.serve.kvcache import BatchKV, left_pad, positions_from_mask
 from lorakit.serve.layer import SlotBatch
 from lorakit.serve.prefix import PrefixCache
-from lorakit.serve.sampling import SamplingParams, find_stop, make_generator, next_tokens, safe_prefix_len
+from lorakit.serve.sampling import (
+    SamplingError, SamplingParams, find_stop, make_generator, next_tokens, safe_prefix_len,
+)
 
 
 class Overloaded(LorakitError):
@@ -92,7 +101,7 @@ class Request:
 class Engine:
     def __init__(self, model, tokenizer, batch: SlotBatch, adapters: AdapterCache | None,
                  max_running: int = 32, max_waiting: int = 256, max_model_len: int | None = None,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, stall_timeout: float = 60.0):
         contiguous_head_input(model)  # else each prefill's head product is a batched copy (bf16: seconds)
         self.model = model
         self.tokenizer = tokenizer
@@ -115,6 +124,8 @@ class Engine:
         self._running = threading.Event()  # set while the loop runs
         self._stopped = threading.Event()  # set when the loop has returned
         self._stop = False
+        self.stall_timeout = stall_timeout
+        self._step_started: float | None = None  # monotonic time the step in progress began
         # Counters read by /metrics.
         self.prompt_tokens = 0
         self.prefix_hit_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
@@ -163,6 +174,17 @@ class Engine:
     def alive(self) -> bool:
         """Whether the scheduler loop is running (on any thread)."""
         return self._running.is_set()
+
+    def stalled_for(self) -> float:
+        """Seconds the step in progress has run (0 between steps): a step holds the whole batch,
+        so one that does not return is an engine that serves nobody."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    @property
+    def healthy(self) -> bool:
+        """The loop runs and no step has run longer than `stall_timeout` seconds."""
+        return self.alive and self.stalled_for() <= self.stall_timeout
 
     def run(self) -> None:
         """Run the scheduler on the calling thread until `stop` is called from another one (a
@@ -230,16 +252,20 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> bool:
         """One scheduler iteration; True if it did any work."""
-        did = self._run_commands()
-        joiners = self._admit()
-        if joiners:
-            self._prefill(joiners)
-            self._retire()
-        if self.running:
-            self._decode()
-            self._retire()
-            did = True
-        return did or bool(joiners)
+        self._step_started = time.monotonic()
+        try:
+            did = self._run_commands()
+            joiners = self._admit()
+            if joiners:
+                self._prefill(joiners)
+                self._retire()
+            if self.running:
+                self._decode()
+                self._retire()
+                did = True
+            return did or bool(joiners)
+        finally:
+            self._step_started = None
 
     def _run_commands(self) -> bool:
         did = False
@@ -268,9 +294,10 @@ class Engine:
             if req.adapter is not None:
                 try:
                     slot = self.adapters.acquire(req.adapter)
-                except AdapterError as e:  # a bad adapter fails its own requests only
+                except Exception as e:  # a bad adapter fails its own requests only
                     self._dequeue(req)
-                    self._fail(req, e)
+                    self._fail(req, e if isinstance(e, AdapterError) else AdapterError(
+                        f"adapter {req.adapter!r} cannot be loaded: {type(e).__name__}: {e}"))
                     continue
                 if slot is None:
                     continue
@@ -338,11 +365,15 @@ class Engine:
         positions = positions_from_mask(mask)[:, past:]
         try:
             logits, cache = self._forward(ids, mask, positions, cache, [r.slot for r in joiners])
-        except Exception as e:  # the newcomers fail; the running batch is untouched
-            for r in joiners:
-                self._fail(r, e)
-                if r.adapter is not None:
-                    self.adapters.release(r.adapter)
+        except Exception as e:  # the running batch is untouched; find the newcomer at fault
+            if len(joiners) > 1:
+                for r, blocks, key in zip(joiners, cached, keys):
+                    self._prefill_group([r], [blocks], [key])
+                return
+            r = joiners[0]
+            self._fail(r, e)
+            if r.adapter is not None:
+                self.adapters.release(r.adapter)
             return
         self.prompt_tokens += sum(lengths)
         self.prefix_hit_tokens += sum(used)
@@ -400,6 +431,10 @@ class Engine:
         self.generated_tokens += len(tokens)
         self._recent.append((now, len(tokens)))
         for req, token in zip(reqs, tokens):
+            if isinstance(token, SamplingError):  # this row alone; `_retire` drops it
+                self._fail(req, token if req.adapter is None else AdapterError(
+                    f"adapter {req.adapter!r} failed on this request: {token}"))
+                continue
             if req.first_token_at is None:
                 req.first_token_at = now
             self._append(req, token)

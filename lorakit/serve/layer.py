@@ -250,7 +250,9 @@ class MultiLoraLinear(nn.Module):
             xs = x.index_select(0, batch.slot_rows).to(a_t.dtype)  # (S*R, T, d_in), slot-major
             h = torch.bmm(xs.view(S, R * T, self.in_features), a_t)  # (S, R*T, r)
             if batch.slot_valid is not None:  # zero the filler results base rows read
-                h = (h.view(S, R, T, r) * batch.slot_valid.to(h.dtype)).view(S, R * T, r)
+                # `where`, not a product: a filler copies row 0, and NaN x 0 would hand row 0's
+                # NaN (an adapter whose weights overflow) to every base row.
+                h = torch.where(batch.slot_valid != 0, h.view(S, R, T, r), 0).view(S, R * T, r)
             delta = torch.bmm(h, b).view(S * R, T, self.out_features)  # (S*R, T, d_out)
             return out.add_(delta.index_select(0, batch.row_pos).to(out.dtype))  # (B, T, d_out)
         for slot, rows in batch.groups:

@@ -1,20 +1,38 @@
-"""The OpenAI wire format: request checking, response and stream-chunk bodies, JSON errors.
+"""The OpenAI wire format: request models, request checking, response and stream bodies, errors.
 
-Field names, defaults and body shapes follow OpenAI's API reference for `/v1/completions` and
-`/v1/chat/completions` (the `openai` Python client parses what we return), with vLLM's `top_k`
-extension. Errors are `{"error": {"message", "type", "param", "code"}}` with the HTTP status
-OpenAI uses: 400 bad request, 401 bad key, 404 unknown model, 413 too large, 422 over a limit,
-503 overloaded. Every problem is checked before anything is queued.
+Field names, types, defaults and body shapes follow OpenAI's API reference for `/v1/completions`
+and `/v1/chat/completions` (the `openai` Python client parses what we return), with vLLM's
+`top_k` and `ignore_eos` extensions. The request models below are pydantic models in strict mode:
+they are both the check and the schema `/openapi.json` publishes. Strict means no coercion, as
+OpenAI's API does not coerce: `"ignore_eos": "no"` is an error, not `true`; `"n": "2"` and
+`"max_tokens": true` are errors too. Unknown fields are errors, so a misspelt option is not
+silently ignored.
+
+Bodies are parsed by `parse_json`, which refuses what Python's `json` would accept but JSON does
+not (NaN, Infinity, numbers that overflow to inf, lone surrogates) and answers nesting too deep to
+parse with a 400 instead of a `RecursionError`.
+
+Errors are `{"error": {"message", "type", "param", "code"}}` with the HTTP status OpenAI uses:
+400 bad request, 401 bad key, 404 unknown model, 413 too large, 422 over a limit, 500 a fault of
+the server, 503 overloaded. Every problem is checked before anything is queued.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import reprlib
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorakit.serve.config import Limits
 from lorakit.serve.sampling import SamplingParams
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # a seed is a signed 64-bit integer, as in OpenAI's API
 
 
 class ApiError(Exception):
@@ -28,18 +46,187 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.type = type_ or {401: "authentication_error", 404: "invalid_request_error",
-                              503: "server_overloaded"}.get(status, "invalid_request_error")
+                              500: "server_error", 503: "server_overloaded"}.get(
+                                  status, "invalid_request_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
 
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
-           "stop", "seed", "user", "presence_penalty", "frequency_penalty", "logprobs",
-           "ignore_eos"}
-COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+# -- JSON --------------------------------------------------------------------------------------
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
+def parse_json(raw: bytes) -> object:
+    """`raw` parsed as JSON, or a 400 `ApiError` saying why it is not JSON we take."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of over 4300 digits
+        raise ApiError(400, f"the request body is not valid JSON ({_clip(str(e))})") from None
+    try:  # a lone surrogate (\ud800) parses, but is no Unicode text a tokenizer can take
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body is not valid JSON (a string holds a lone "
+                       "surrogate, which is not Unicode text)") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON (nested too deeply)") from None
+    return body
+
+
+def _clip(text: str, n: int = 200) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxstring, _short.maxother, _short.maxlist, _short.maxdict = 3, 60, 60, 4, 4
+
+
+# -- request models ----------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class _Sampling(_Strict):
+    model: NonEmpty = Field(description="the base model's name or an adapter's name")
+    max_tokens: int | None = Field(None, ge=1, description="422 above the server's limit")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="0 or -1 = off (vLLM)")
+    n: int | None = Field(None, ge=1, description="422 above the server's limit")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: NonEmpty | list[NonEmpty] | None = Field(
+        None, description="a non-empty string or a list of them")
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    user: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
+    ignore_eos: bool | None = Field(False, description="keep generating past end of turn (vLLM)")
+
+
+class CompletionRequest(_Sampling):
+    """The body of POST /v1/completions."""
+
+    prompt: NonEmpty | Annotated[list[TokenId], Field(min_length=1)] \
+        | Annotated[list[str], Field(min_length=1)] = Field(
+            description="a string, a list of strings, or a list of token ids")
+    logprobs: int | None = Field(None, ge=0, description="not supported: null or 0")
+    echo: bool | None = Field(None, description="not supported: null or false")
+    suffix: str | None = Field(None, description="not supported: null")
+    best_of: int | None = Field(None, ge=1, description="not supported: null or 1")
+
+
+class ChatCompletionRequest(_Sampling):
+    """The body of POST /v1/chat/completions."""
+
+    messages: Annotated[list[Message], Field(min_length=1)] = Field(
+        description="a non-empty list of {role, content} objects")
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer max_tokens")
+    logprobs: bool | None = Field(None, description="not supported: null or false")
+    top_logprobs: int | None = Field(None, ge=0, description="not supported: null or 0")
+
+
+class RegisterAdapter(_Strict):
+    """The body of POST /admin/adapters."""
+
+    name: str
+    path: str | None = Field(None, description="relative to adapters_root; default: the name")
+    replace: bool = False
+    pin: bool = False
+
+
+class LoadAdapter(_Strict):
+    """The (optional) body of POST /admin/adapters/{name}/load."""
+
+    pin: bool = False
+
+
+class LoraAdapter(_Strict):
+    """vLLM's body for /v1/load_lora_adapter and /v1/unload_lora_adapter."""
+
+    lora_name: str
+    lora_path: str | None = None
+
+
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, RegisterAdapter, LoadAdapter,
+                  LoraAdapter)
+
+
+def _where(loc: tuple) -> str:
+    """A pydantic error location as a path (`messages[0].content`), without the union member
+    tags pydantic adds (`str`, `list[int]`, ...)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part[:1].islower() and part.replace("_", "").isalnum() and part not in (
+                "str", "int", "float", "bool", "list", "none"):
+            out += f".{part}" if out else part
+    return out or "body"
+
+
+def validate(model: type[BaseModel], body: object) -> BaseModel:
+    """`body` checked against `model`, or a 400 `ApiError` listing the first problems."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object (got {type(body).__name__})")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+    extra = [str(err["loc"][0]) for err in errors
+             if err["type"] == "extra_forbidden" and len(err["loc"]) == 1]
+    if extra:
+        raise ApiError(400, f"unrecognized request argument(s): {_clip(', '.join(extra))}",
+                       param=_clip(extra[0], 60))
+    by_path: dict[str, list[dict]] = {}  # a union reports one error per member, at one path
+    for err in errors:
+        by_path.setdefault(_where(err["loc"]), []).append(err)
+    problems = []
+    for path, errs in list(by_path.items())[:3]:
+        got = _short.repr(errs[0].get("input"))
+        described = model.model_fields.get(path)
+        if errs[0]["type"] == "missing":
+            problems.append(f"{path}: required")
+        elif len(errs) > 1 and described is not None and described.description:
+            problems.append(f"{path}: expected {described.description} (got {got})")
+        else:
+            msgs = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errs)
+            problems.append(f"{path}: {', or '.join(msgs)} (got {got})")
+    more = f" (and {len(by_path) - 3} more)" if len(by_path) > 3 else ""
+    first = errors[0]["loc"]
+    raise ApiError(400, "; ".join(problems) + more, param=str(first[0]) if first else None)
 
 
 @dataclass
@@ -55,114 +242,53 @@ class GenerationRequest:
     messages: list[dict] | None = None  # chat
 
 
-def _number(body, key, lo, hi, default, integer=False):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not ok or isinstance(value, bool) or not lo <= value <= hi:
-        kind = "an integer" if integer else "a number"
-        raise ApiError(400, f"{key}: got {value!r} (expected {kind} in [{lo}, {hi}])", param=key)
-    return value
-
-
 def parse_request(body: object, chat: bool, limits: Limits) -> GenerationRequest:
     """Check a /v1/completions or /v1/chat/completions body against the API and the limits."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "model: required (the base model's name or an adapter's name)",
-                       param="model")
+    req = validate(ChatCompletionRequest if chat else CompletionRequest, body)
     for key in ("presence_penalty", "frequency_penalty"):
-        if body.get(key) not in (None, 0, 0.0):
+        if getattr(req, key) not in (None, 0):
             raise ApiError(400, f"{key}: not supported (expected 0 or absent)", param=key)
     for key in ("logprobs", "echo", "suffix", "top_logprobs"):
-        if body.get(key) not in (None, False, 0):
+        if getattr(req, key, None) not in (None, False, 0):
             raise ApiError(400, f"{key}: not supported by this server", param=key)
-    if body.get("best_of") not in (None, 1):
+    if getattr(req, "best_of", None) not in (None, 1):
         raise ApiError(400, "best_of: not supported (expected 1 or absent)", param="best_of")
 
-    max_key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
+    max_key = "max_completion_tokens" if chat and req.max_completion_tokens is not None \
         else "max_tokens"
-    max_tokens = _number(body, max_key, 1, 2**31, limits.default_max_tokens, integer=True)
+    max_tokens = getattr(req, max_key)
+    max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
     if max_tokens > limits.max_tokens:
-        raise ApiError(422, f"{max_key}: {max_tokens} is above this server's limit of "
-                       f"{limits.max_tokens}", param=max_key, code="max_tokens_over_limit")
-    n = _number(body, "n", 1, 2**31, 1, integer=True)
+        raise ApiError(422, f"{max_key}: {_short.repr(max_tokens)} is above this server's limit "
+                       f"of {limits.max_tokens}", param=max_key, code="max_tokens_over_limit")
+    n = 1 if req.n is None else req.n
     if n > limits.max_n:
-        raise ApiError(422, f"n: {n} is above this server's limit of {limits.max_n}", param="n",
-                       code="n_over_limit")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else (stop or [])
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "stop: expected a non-empty string or a list of them", param="stop")
+        raise ApiError(422, f"n: {_short.repr(n)} is above this server's limit of {limits.max_n}",
+                       param="n", code="n_over_limit")
+    stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stop) > limits.max_stop:
         raise ApiError(422, f"stop: {len(stop)} stop strings, above the limit of {limits.max_stop}",
                        param="stop")
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ApiError(400, f"seed: got {seed!r} (expected an integer)", param="seed")
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=float(_number(body, "temperature", 0, 2, 1.0)),
-        top_p=float(_number(body, "top_p", 1e-9, 1, 1.0)),
-        top_k=max(0, _number(body, "top_k", -1, 2**31, 0, integer=True)),
-        seed=seed, stop=stop, ignore_eos=bool(body.get("ignore_eos", False)))
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, f"stream: got {stream!r} (expected true or false)", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "stream_options: expected an object", param="stream_options")
-    req = GenerationRequest(model=model, params=params, n=n, stream=stream,
-                            include_usage=bool(options.get("include_usage", False)))
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(0, req.top_k or 0), seed=req.seed, stop=stop, ignore_eos=bool(req.ignore_eos))
+    options = req.stream_options or StreamOptions()
+    out = GenerationRequest(model=req.model, params=params, n=n, stream=bool(req.stream),
+                            include_usage=options.include_usage)
     if chat:
-        req.messages = _messages(body.get("messages"))
-    else:
-        req.prompts = _prompts(body.get("prompt"), limits)
-    return req
-
-
-def _messages(messages: object) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages: expected a non-empty list of {role, content}", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise ApiError(400, f"messages[{i}]: expected an object with role system, user or "
-                           "assistant", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text parts are meaningful here
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported",
-                               param="messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content: expected a string", param="messages")
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
-    return out
-
-
-def _prompts(prompt: object, limits: Limits) -> list[str | list[int]]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                   for t in prompt):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        if len(prompt) > limits.max_prompts:
-            raise ApiError(422, f"prompt: {len(prompt)} prompts, above the limit of "
+        out.messages = [{"role": "system" if m.role == "developer" else m.role,
+                         "content": m.content if isinstance(m.content, str)
+                         else "".join(p.text for p in m.content)} for m in req.messages]
+    elif isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str):
+        if len(req.prompt) > limits.max_prompts:
+            raise ApiError(422, f"prompt: {len(req.prompt)} prompts, above the limit of "
                            f"{limits.max_prompts}", param="prompt")
-        return list(prompt)
-    raise ApiError(400, "prompt: expected a string, a list of strings, or a list of token ids",
-                   param="prompt")
+        out.prompts = list(req.prompt)
+    else:
+        out.prompts = [req.prompt if isinstance(req.prompt, str) else list(req.prompt)]
+    return out
 
 
 def new_id(prefix: str) -> str:

@@ -2,8 +2,14 @@
 
 Sampling follows transformers' logits warpers (`TemperatureLogitsWarper`, `TopKLogitsWarper`,
 `TopPLogitsWarper`, applied in that order) with temperature 0 meaning greedy argmax, as in the
-OpenAI API and vLLM. Each request owns a `torch.Generator` seeded from its `seed`, so a seeded
-request draws the same tokens whatever else shares its batch.
+OpenAI API and vLLM. Tiny temperatures follow vLLM's `SamplingParams` (`_SAMPLING_EPS`,
+`_MAX_TEMP`): below 1e-5 the row is greedy, below 1e-2 it samples at 1e-2, since dividing logits
+by less overflows to inf and the softmax to NaN. Each request owns a `torch.Generator` seeded
+from its `seed`, so a seeded request draws the same tokens whatever else shares its batch.
+
+Rows are independent: a row whose logits are not finite (NaN or +inf, e.g. from an adapter whose
+weights overflow) or whose draw fails gets a `SamplingError` instead of a token, and the engine
+fails that request alone.
 
 Stop strings follow vLLM's detokenizer rules: the text is decoded from all generated ids each
 step (so multi-byte characters split across tokens come out whole), a stop string ends the
@@ -16,6 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below this is greedy
+MIN_TEMPERATURE = 1e-2  # vLLM's _MAX_TEMP: a smaller positive temperature samples at this one
+
+
+class SamplingError(Exception):
+    """One row's next token could not be chosen (non-finite logits, a failed draw)."""
 
 
 @dataclass
@@ -30,7 +43,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -44,7 +57,7 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """One row's logits (V,) after temperature, top-k and top-p (removed entries = -inf)."""
-    logits = logits.float() / params.temperature
+    logits = logits.float() / max(params.temperature, MIN_TEMPERATURE)
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -60,18 +73,28 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def next_tokens(logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator]) -> list[int]:
-    """The next token of every row: logits (B, V) -> B ids. Greedy rows share one argmax."""
+                generators: list[torch.Generator]) -> list[int | SamplingError]:
+    """The next token of every row: logits (B, V) -> B ids, or a `SamplingError` for a row that
+    cannot have one (its request fails; the other rows go on). Greedy rows share one argmax."""
     # One argmax for all rows, only when some row is greedy (a (32, 49,152) argmax is ms); in fp32,
     # as bf16's argmax is slower here than the cast and fp32's.
     greedy = logits.float().argmax(-1).tolist() if any(p.greedy for p in params) else None
-    out = []
+    # NaN or +inf anywhere in a row (or no finite entry) makes its argmax and softmax meaningless;
+    # a row's max is NaN when any entry is, so one reduction finds them.
+    broken = (~torch.isfinite(logits.amax(-1))).tolist()
+    out: list[int | SamplingError] = []
     for row, (p, gen) in enumerate(zip(params, generators)):
-        if p.greedy:
+        if broken[row]:
+            out.append(SamplingError("the model's output (logits) for this request is not finite "
+                                     "(NaN or inf)"))
+        elif p.greedy:
             out.append(greedy[row])
-            continue
-        probs = warp(logits[row], p).softmax(-1)
-        out.append(int(torch.multinomial(probs, 1, generator=gen)))
+        else:
+            try:
+                probs = warp(logits[row], p).softmax(-1)
+                out.append(int(torch.multinomial(probs, 1, generator=gen)))
+            except (RuntimeError, ValueError, ZeroDivisionError, OverflowError) as e:
+                out.append(SamplingError(f"sampling failed ({e})"))
     return out
 
 

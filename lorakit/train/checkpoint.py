@@ -5,22 +5,21 @@ adapter in PEFT format in `adapter/`, or for full/freeze runs the trainable para
 `trainable/trainable.safetensors`), the optimizer state and RNG states (safetensors: no pickle),
 the trainer state (step, data position, best validation loss) as JSON, the resolved config, and
 last a `manifest.json` with the SHA-256 of every file. It is built in a temporary sibling
-directory, each file fsynced, then renamed into place; a directory without a manifest, or whose
-files do not match it, is never resumed from.
+directory, each file fsynced, then renamed into place (`lorakit.atomic.atomic_dir`); a directory
+without a manifest, or whose files do not match it, is never resumed from.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from lorakit.atomic import atomic_dir, clean_temps
 from lorakit.errors import LorakitError
 
 MANIFEST = "manifest.json"
@@ -33,15 +32,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -63,8 +53,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor], js: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
+def optimizer_to_files(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state, or its `state_dict()` gathered in advance (FSDP), as files."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors = {f"{pid}.{name}": t.detach().cpu().contiguous()
                for pid, st in sd["state"].items() for name, t in st.items()}
     return tensors, {"param_groups": sd["param_groups"]}
@@ -90,10 +81,8 @@ def save_checkpoint(ckpt_root: Path, step: int, write_weights, optimizer: torch.
     """
     from safetensors.torch import save_file
 
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{_PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=ckpt_root))
-    try:
+    with atomic_dir(final) as tmp:
         write_weights(tmp / weights_dir)
         opt_tensors, opt_json = optimizer_to_files(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -105,13 +94,6 @@ def save_checkpoint(ckpt_root: Path, step: int, write_weights, optimizer: torch.
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     prune(ckpt_root, keep)
     return final
 
@@ -148,9 +130,7 @@ def prune(ckpt_root: Path, keep: int) -> None:
     complete = complete_checkpoints(ckpt_root)
     for old in complete[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    for p in ckpt_root.iterdir():
-        if p.name.startswith(f".{_PREFIX}") and ".tmp-" in p.name:
-            shutil.rmtree(p, ignore_errors=True)
+    clean_temps(ckpt_root)
 
 
 def load_checkpoint(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:

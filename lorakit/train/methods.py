@@ -15,14 +15,12 @@ what was being trained onto a freshly loaded base.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lorakit.atomic import atomic_dir
 from lorakit.errors import ConfigError, LorakitError
 
 TRAINABLE_DIR = "trainable"  # inside a checkpoint of a full or freeze run
@@ -118,21 +116,9 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: s
 
 def save_model_dir(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     """Write a loadable transformers directory (safetensors weights + tokenizer), atomically."""
-    from lorakit.adapters.io import _replace_dir
-
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with open(path, "rb+") as f:
-                    os.fsync(f.fileno())
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

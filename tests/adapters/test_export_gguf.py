@@ -13,6 +13,7 @@ import torch
 
 from lorakit.adapters import load_adapter, read_adapter, save_adapter
 from lorakit.adapters.export_gguf import ExportError, export
+from lorakit.errors import StorageError
 from lorakit.lora import LoraConfig, inject, merge_and_unload
 from lorakit.models import load_base
 from tests import tiny
@@ -342,8 +343,10 @@ def test_existing_file_is_replaced_atomically_and_kept_on_failure(tmp_path, base
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageError) as info:
         export(str(base_dir), adapter, out, outtype="f16")
+    assert str(info.value) == (f"{out}: cannot write (no space left on the device); expected a "
+                               "writable folder with free space")
     assert out.read_bytes() == first
     assert [p.name for p in out.parent.iterdir()] == ["model.gguf"]
 
