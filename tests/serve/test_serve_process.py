@@ -26,8 +26,9 @@ def _serve_command(tmp_path, port: int) -> list[str]:
     base_dir = tmp_path / "tiny-base"
     tiny.tiny_llama().save_pretrained(base_dir)
     tiny.tiny_tokenizer().save_pretrained(base_dir)
+    # dtype left at its default (auto), the policy `lorakit generate` shares.
     return [sys.executable, "-m", "lorakit", "serve", "--port", str(port), f"model={base_dir}",
-            f"adapters_root={tmp_path / 'adapters'}", "dtype=fp32"]
+            f"adapters_root={tmp_path / 'adapters'}"]
 
 
 def test_serve_process_answers_and_stops_on_sigint(tmp_path):
@@ -55,6 +56,17 @@ def test_serve_process_answers_and_stops_on_sigint(tmp_path):
         out = client.completions.create(model=model, prompt="the quick brown fox", max_tokens=5,
                                         temperature=0, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+        # The same chat prompt, greedy, gets the same answer from `lorakit generate` (one dtype
+        # policy: serve once answered in bf16 and generate in fp32).
+        prompt = "is this bike still available?"
+        chat = client.chat.completions.create(model=model, max_tokens=8, temperature=0,
+                                              messages=[{"role": "user", "content": prompt}])
+        generated = subprocess.run(
+            [sys.executable, "-m", "lorakit", "generate", "--model", str(tmp_path / "tiny-base"),
+             "--prompt", prompt, "--max-new-tokens", "8"],
+            capture_output=True, text=True, env=ENV, timeout=120)
+        assert generated.returncode == 0, generated.stderr
+        assert generated.stdout.strip() == chat.choices[0].message.content.strip()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0, log.read_text()
     finally:
