@@ -37,6 +37,11 @@ class ExportError(LorakitError):
     """An export that cannot be done: unsupported model or adapter, bad output path or type."""
 
 
+class RegistryError(LorakitError):
+    """The adapter registry file cannot be opened or used: not an SQLite database, a wrong schema,
+    locked, or not writable (the file and the fix are named)."""
+
+
 class StorageError(LorakitError):
     """A file or folder cannot be written: read-only or full disk, no permission, or a file where
     a folder is expected (the path and the reason are named)."""

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lorakit.adapters.io import WEIGHTS_NAME, read_adapter_json, write_adapter_files
+from lorakit.adapters.check import WEIGHTS_NAME, read_config, read_tensors
+from lorakit.adapters.io import write_adapter_files
 from lorakit.errors import AdapterError
 from lorakit.lora.config import LoraConfig
 
@@ -134,11 +135,10 @@ def _other_kind(key: str) -> str:
 
 
 def read_raw(adapter_dir: str | Path) -> RawAdapter:
-    """Read an adapter directory without judging what it holds (only that it is readable)."""
-    from safetensors import safe_open
-
+    """Read an adapter directory without judging what it holds (only that it is readable), with
+    the file and config checks of the one adapter checker (`lorakit.adapters.check`)."""
     path = Path(adapter_dir)
-    config, cfg_path, weights_path = read_adapter_json(path)
+    config, cfg_path, weights_path = read_config(path)
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type {config['peft_type']!r} (expected 'LORA'; only "
                            "LoRA adapters are checked)")
@@ -152,12 +152,7 @@ def read_raw(adapter_dir: str | Path) -> RawAdapter:
         problems = cfg.problems()
     if problems:
         raise AdapterError(f"{cfg_path}: bad adapter config:\n  " + "\n  ".join(problems))
-    try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for a bad header or size
-        raise AdapterError(f"{weights_path}: not a readable safetensors file ({e})") from None
+    tensors, metadata = read_tensors(weights_path)
     pairs: dict[str, dict[str, str]] = {}
     other: dict[str, list[str]] = {}
     for key in sorted(tensors):

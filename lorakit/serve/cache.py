@@ -7,9 +7,12 @@ they are there (a hit) and from disk otherwise (a miss), and the CPU tier evicts
 recently used adapter. When every slot is held by running requests, `acquire` returns None and
 the scheduler leaves the request queued until one is released.
 
-Every adapter is checked against the served base before it reaches a slot: base weights hash
-(when both sides know it), rank <= `max_lora_rank`, every tensor naming a served layer with the
-right shape. A bad adapter raises `AdapterError` with the reason; nothing else is disturbed.
+Every adapter is read by the one adapter checker (`lorakit.adapters.check.open_adapter`, the
+same the CLI uses) against the served base before it reaches a slot: base weights hash (when both
+sides know it), rank <= `max_lora_rank`, every tensor naming a served layer with the right shape
+(DoRA magnitudes included), the config's targets, and files inside the adapters root for adapters
+kept there. A bad adapter raises `AdapterError` with the reason, which is kept for the admin
+listing (`errors`); nothing else is disturbed.
 
 Only the engine thread calls the mutating methods (slots are written between forward passes);
 `snapshot` is safe to read from other threads for /metrics.
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.adapters.io import AdapterFiles, read_adapter
+from lorakit.adapters.check import AdapterFiles, BaseModules, open_adapter
 from lorakit.errors import AdapterError
 from lorakit.lora.inject import PEFT_PREFIX
 from lorakit.serve.layer import MultiLoraLinear
@@ -50,14 +53,22 @@ class CpuAdapter:
 class AdapterCache:
     def __init__(self, layers: dict[str, MultiLoraLinear], registry: AdapterRegistry,
                  base_identity: dict | None, max_loras: int, max_cpu_loras: int,
-                 max_lora_rank: int, adapters_root: str | Path | None = None):
+                 max_lora_rank: int, adapters_root: str | Path | None = None,
+                 base_linears: dict[str, tuple[int, int]] | None = None):
+        """`base_linears`: (d_in, d_out) of every linear layer of the served base by name
+        (`BaseModules.of(model).linears`), so an adapter's config selects modules as it would on
+        the whole base; default: the served layers only."""
         if max_cpu_loras < max_loras:
             raise AdapterError(f"max_cpu_loras ({max_cpu_loras}) must be >= max_loras ({max_loras})")
         self.layers = layers
         self.registry = registry
         self.base_identity = base_identity or {}
         self.max_lora_rank = max_lora_rank
-        self.adapters_root = Path(adapters_root) if adapters_root else None
+        self.adapters_root = Path(adapters_root).resolve() if adapters_root else None
+        linears = base_linears or {n: (l.in_features, l.out_features) for n, l in layers.items()}
+        self.base = BaseModules(linears, served=frozenset(layers), identity=self.base_identity,
+                                max_rank=max_lora_rank)
+        self.errors: dict[str, str] = {}  # adapter name -> why its last load failed
         self.cpu = LruTier(max_cpu_loras)
         self.slots = LruTier(max_loras)
         self._cpu: dict[str, CpuAdapter] = {}
@@ -69,40 +80,28 @@ class AdapterCache:
 
     # -- checks -------------------------------------------------------------------------------
 
-    def check(self, files: AdapterFiles, name: str) -> CpuAdapter:
-        """The adapter's weights if they fit the served base, else `AdapterError` naming why."""
-        want = self.base_identity.get("weights_sha256")
-        if want and files.base_weights_sha256 and files.base_weights_sha256 != want:
-            raise AdapterError(
-                f"adapter {name!r} ({files.path}) was trained on base {files.base_model!r} (weights "
-                f"{files.base_weights_sha256[:12]}), but this server serves "
-                f"{self.base_identity.get('name')!r} (weights {want[:12]})")
+    def root_for(self, path: str | Path) -> Path | None:
+        """The adapters root when `path` lies in it (its files must stay inside), else None: an
+        adapter registered from the command line elsewhere is a trusted local path."""
+        root = self.adapters_root
+        return root if root is not None and (Path(path) == root or root in Path(path).parents) else None
+
+    def open(self, path: str | Path, name: str) -> AdapterFiles:
+        """The adapter at `path` checked against the served base (`open_adapter`), or an
+        `AdapterError` naming the adapter."""
+        try:
+            return open_adapter(path, self.base, root=self.root_for(path))
+        except AdapterError as e:
+            raise AdapterError(f"adapter {name!r}: {e}") from None
+
+    def to_cpu(self, files: AdapterFiles, name: str) -> CpuAdapter:
+        """The checked adapter's weights by served module, with each module's scaling."""
         cfg = files.config
-        r = max(cfg.r_for(module) for module in files.modules())
-        if r > self.max_lora_rank:
-            raise AdapterError(f"adapter {name!r} ({files.path}) has rank {r}, above this server's "
-                               f"max_lora_rank={self.max_lora_rank}")
-        problems, weights = [], {}
-        for module in files.modules():
-            a, b = files.lora_pair(module)
-            r = cfg.r_for(module)
-            layer = self.layers.get(module)
-            if layer is None:
-                problems.append(f"{PEFT_PREFIX}{module}: not a layer this server adapts (served "
-                                f"layers end in {sorted({n.rsplit('.', 1)[-1] for n in self.layers})})")
-                continue
-            if tuple(a.shape) != (r, layer.in_features) or tuple(b.shape) != (layer.out_features, r):
-                problems.append(f"{PEFT_PREFIX}{module}: A {tuple(a.shape)}, B {tuple(b.shape)} "
-                                f"(expected A ({r}, {layer.in_features}), B ({layer.out_features}, {r}))")
-                continue
-            magnitude = files.tensors.get(f"{PEFT_PREFIX}{module}.lora_magnitude_vector")
-            weights[module] = (a.contiguous(), b.contiguous(), cfg.scaling_for(module), magnitude)
-        if problems:
-            raise AdapterError(f"adapter {name!r} ({files.path}) does not fit the served base:\n  "
-                               + "\n  ".join(problems))
-        nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                     for a, b, _, _ in weights.values())
-        return CpuAdapter(name, max(cfg.r_for(m) for m in files.modules()), weights, nbytes)
+        weights = {m: (*(t.contiguous() for t in files.lora_pair(m)), cfg.scaling_for(m),
+                       files.magnitude(m)) for m in files.modules()}
+        nbytes = sum(t.numel() * t.element_size() for m in files.modules() for t in
+                     (*files.lora_pair(m), files.magnitude(m)) if t is not None)
+        return CpuAdapter(name, files.rank, weights, nbytes)
 
     def record(self, name: str) -> AdapterRecord:
         """The registry row for `name`; an unregistered name found as a directory under the
@@ -114,9 +113,7 @@ class AdapterCache:
         if self.adapters_root is not None:
             path = resolve_under(self.adapters_root, name)
             if path.is_dir():
-                files = read_adapter(path)
-                self.check(files, name)
-                return self.registry.add(name, path, files)
+                return self.registry.add(name, path, self.open(path, name))
         raise UnknownAdapter(f"the model {name!r} does not exist (not the base and not a "
                              "registered adapter)")
 
@@ -127,7 +124,12 @@ class AdapterCache:
         if self.cpu.touch(name):
             return self._cpu[name]
         rec = self.record(name)
-        adapter = self.check(read_adapter(rec.path), name)
+        try:
+            adapter = self.to_cpu(self.open(rec.path, name), name)
+        except AdapterError as e:  # e.g. the files changed on disk since it was registered
+            self.errors[name] = str(e)
+            raise
+        self.errors.pop(name, None)
         self.disk_loads += 1
         try:
             evicted = self.cpu.add(name)
@@ -160,8 +162,18 @@ class AdapterCache:
                 layer.reset_lora(slot)
         else:
             slot = self._free_slots.pop(0)
-        for module, (a, b, scaling, magnitude) in adapter.weights.items():
-            self.layers[module].set_lora(slot, a, b, scaling, magnitude)
+        try:
+            for module, (a, b, scaling, magnitude) in adapter.weights.items():
+                self.layers[module].set_lora(slot, a, b, scaling, magnitude)
+        except BaseException as e:  # leave the slot empty and the tiers as if it never came
+            for layer in self.layers.values():
+                layer.reset_lora(slot)
+            self.slots.remove(name)
+            self._free_slots.append(slot)
+            self.cpu.remove(name)
+            self._cpu.pop(name, None)
+            self.errors[name] = f"adapter {name!r}: cannot be put in a slot ({e})"
+            raise
         self.slot_of[name] = slot
         self._slot_load[name] = next(self._loads)
         if self.cpu.pinned(name):
@@ -213,4 +225,5 @@ class AdapterCache:
             "cpu_resident": cpu,
             "slots": dict(self.slot_of),
             "max_loras": self.slots.capacity, "max_cpu_loras": self.cpu.capacity,
+            "errors": dict(self.errors),
         }

@@ -2,9 +2,10 @@
 
 Plain functions over `AdapterRegistry` (lorakit/serve/registry.py), plus `add_adapters_parser`
 which puts the three subcommands under one `adapters` command of the main parser (litgpt style:
-a table of subcommands to plain functions). Every check `read_adapter` makes (files present,
-safetensors only, key names, shapes against the rank, no NaN/inf) runs when an adapter is added;
-`--base` also loads the base model and checks the adapter fits it (weights hash and shapes).
+a table of subcommands to plain functions). The one adapter checker (`lorakit.adapters.check`,
+the same the server and `generate`/`eval`/`merge` use) runs when an adapter is added: files
+present, safetensors only, config, key names, shapes against the rank, no NaN/inf; `--base` also
+loads the base model and checks the adapter fits it (weights hash, modules, shapes, targets).
 """
 
 from __future__ import annotations
@@ -14,21 +15,21 @@ import json
 import time
 from pathlib import Path
 
-from lorakit.adapters.io import read_adapter
+from lorakit.adapters.check import AdapterFiles, BaseModules, open_adapter
 from lorakit.errors import AdapterError
 from lorakit.serve.registry import AdapterRecord, AdapterRegistry, check_name
 from lorakit.units import human_bytes
 
 
-def _check_against_base(path: Path, base: str) -> None:
-    """Load `base` and put the adapter on it: refuses a wrong base (hash) or shapes that do not fit."""
+def _check_against_base(path: Path, base: str) -> AdapterFiles:
+    """Load `base` and check the adapter against it: refuses a wrong base (hash), modules it
+    does not have, shapes that do not fit, targets without tensors."""
     import torch
 
-    from lorakit.adapters.io import load_adapter
     from lorakit.models import load_base
 
     model, _ = load_base(base, dtype=torch.float32, device="cpu")
-    load_adapter(model, path)
+    return open_adapter(path, BaseModules.of(model), allow_pissa=True)
 
 
 def add_adapter(name: str, path: str | Path, replace: bool = False, base: str | None = None,
@@ -40,9 +41,7 @@ def add_adapter(name: str, path: str | Path, replace: bool = False, base: str | 
     """
     check_name(name)
     path = Path(path)
-    files = read_adapter(path)
-    if base is not None:
-        _check_against_base(path, base)
+    files = open_adapter(path) if base is None else _check_against_base(path, base)
     results = None
     if eval_results is not None:
         try:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorakit.adapters.io import read_adapter
-from lorakit.errors import AdapterError
+from lorakit.errors import AdapterError, ModelLoadError
+from lorakit.adapters.check import BaseModules
 from lorakit.serve.cache import AdapterCache
 from lorakit.serve.config import ServeConfig
 from lorakit.serve.engine import Engine
@@ -21,6 +21,22 @@ from lorakit.serve.packed import pack_linear_weights
 from lorakit.serve.prefix import PrefixCache
 from lorakit.serve.protocol import ApiError
 from lorakit.serve.registry import AdapterRecord, AdapterRegistry, check_name, resolve_under
+
+
+def _check_batch_kv(model, tokenizer, base_name: str) -> None:
+    """Refuse to serve a model the engine's KV cache would answer wrongly (another transformers
+    version or model family than `BatchKV` was tested with); the check runs on the model."""
+    from lorakit.serve.kvcache import TESTED_TRANSFORMERS, batch_kv_mismatch
+
+    mismatch = batch_kv_mismatch(model, tokenizer.pad_token_id or 0)
+    if mismatch:
+        import transformers
+
+        raise ModelLoadError(
+            f"{base_name}: lorakit's serving KV cache does not decode this model as a plain "
+            f"forward does under transformers {transformers.__version__} ({mismatch}); it was "
+            f"tested with transformers {TESTED_TRANSFORMERS}: install the versions in "
+            "requirements.lock")
 
 
 class Service:
@@ -33,12 +49,14 @@ class Service:
         self.adapters_root = Path(config.adapters_root).resolve()
         self.adapters_root.mkdir(parents=True, exist_ok=True)
         self.registry = registry or AdapterRegistry()
+        _check_batch_kv(model, tokenizer, base_name)
         batch, layers = wrap_for_serving(model, config.target_modules, config.max_loras,
                                          config.max_lora_rank)
         self.slot_bytes = resident_bytes(layers)
         self.packed_layers = pack_linear_weights(model) if config.pack_weights else 0
         self.cache = AdapterCache(layers, self.registry, self.identity, config.max_loras,
-                                  config.max_cpu_loras, config.max_lora_rank, self.adapters_root)
+                                  config.max_cpu_loras, config.max_lora_rank, self.adapters_root,
+                                  base_linears=BaseModules.of(model).linears)
         prefix = (PrefixCache(config.prefix_cache_mb * 2**20, config.prefix_block)
                   if config.prefix_cache_mb else None)
         self.engine = Engine(model, tokenizer, batch, self.cache,
@@ -67,7 +85,7 @@ class Service:
         """The /v1/models entries: the base, then every registered adapter that fits it."""
         base = {"id": self.base_name, "object": "model", "created": 0, "owned_by": "lorakit",
                 "root": self.base_name, "parent": None}
-        adapters = [{"id": r.name, "object": "model", "created": int(r.created),
+        adapters = [{"id": r.name, "object": "model", "created": int(r.created or 0),
                      "owned_by": "lorakit", "root": r.path, "parent": self.base_name}
                     for r in self.registry.list() if r.name != self.base_name and self.fits_base(r)]
         return [base] + adapters
@@ -135,8 +153,7 @@ class Service:
         try:
             check_name(name)
             full = resolve_under(self.adapters_root, path or name)
-            files = read_adapter(full)
-            self.cache.check(files, name)
+            files = self.cache.open(full, name)  # the one checker, against the served base
         except AdapterError as e:
             raise ApiError(400, str(e), code="adapter_rejected") from None
         if name == self.base_name:
@@ -192,7 +209,8 @@ class Service:
         rec = self._registered(name)
         snap = self.snapshot()
         return {**rec.to_json(), "slot": snap["slots"].get(name),
-                "cpu_resident": name in snap["cpu_resident"], "fits_base": self.fits_base(rec)}
+                "cpu_resident": name in snap["cpu_resident"], "fits_base": self.fits_base(rec),
+                "error": rec.error or snap["errors"].get(name)}
 
 
 def build_service(config: ServeConfig) -> Service:
@@ -200,6 +218,7 @@ def build_service(config: ServeConfig) -> Service:
     from lorakit.device import resolve_device, resolve_dtype
     from lorakit.models import load_base
 
+    registry = AdapterRegistry()  # a corrupt registry stops the start before the model loads
     device = resolve_device(config.device)
     model, tokenizer = load_base(config.model, dtype=resolve_dtype(config.dtype, device), device=device)
     if config.quantize_base == "nf4":  # the base QLoRA adapters were trained on
@@ -207,4 +226,4 @@ def build_service(config: ServeConfig) -> Service:
 
         quantize_base_nf4(model)
     model.eval()
-    return Service.from_model(model, tokenizer, config, base_name=config.model)
+    return Service.from_model(model, tokenizer, config, base_name=config.model, registry=registry)

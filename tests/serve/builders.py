@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.adapters.check import BaseModules
 from lorakit.adapters.io import load_adapter, save_adapter
 from lorakit.lora import LoraConfig, inject, lora_layers, merge_and_unload
 from lorakit.serve.cache import AdapterCache
@@ -89,10 +90,33 @@ def served(base, tokenizer, root: Path, max_loras: int = 4, max_cpu_loras: int =
     batch, layers = wrap_for_serving(model, list(targets), max_loras, max_lora_rank)
     registry = AdapterRegistry(root / "adapters.sqlite")
     cache = AdapterCache(layers, registry, identity, max_loras, max_cpu_loras, max_lora_rank,
-                         adapters_root=root)
+                         adapters_root=root, base_linears=BaseModules.of(model).linears)
     engine = Engine(model, tokenizer, batch, cache, max_running=max_running,
                     prefix_cache=prefix_cache)
     return engine, cache, registry
+
+
+def http_service(base, tokenizer, tmp_path: Path, adapters: int = 3, registered: int | None = None,
+                 max_loras: int = 2, max_cpu_loras: int = 3, api_key: str | None = None,
+                 **limits):
+    """A `Service` over a copy of `base` with `adapters` adapters ad0.. under tmp_path/adapters
+    (the first `registered` of them registered, default all), for `ServerThread(create_app(..))`."""
+    from lorakit.serve.config import Limits, ServeConfig
+    from lorakit.serve.service import Service
+
+    root = tmp_path / "adapters"
+    for i in range(adapters):
+        make_adapter(base, root / f"ad{i}", seed=20 + i)
+    limits = {"max_body_bytes": 50_000, "max_prompt_tokens": 64, "max_tokens": 32,
+              "default_max_tokens": 8, "max_n": 2, "max_queue": 256, **limits}
+    config = ServeConfig(model="tiny-base", adapters_root=str(root), max_loras=max_loras,
+                         max_cpu_loras=max_cpu_loras, max_lora_rank=8, target_modules=TARGETS,
+                         api_key=api_key, limits=Limits(**limits))
+    service = Service.from_model(copy.deepcopy(base), tokenizer, config,
+                                 registry=AdapterRegistry(tmp_path / "reg.sqlite"))
+    for i in range(adapters if registered is None else registered):
+        service.registry.add(f"ad{i}", root / f"ad{i}")
+    return service
 
 
 def greedy(n: int) -> SamplingParams:

@@ -86,8 +86,10 @@ def test_bad_adapters_are_refused_with_reasons(llama, gpt2, tokenizer, tmp_path)
          for k, v in t.items()}
     save_file(t, str(wide / "adapter_model.safetensors"))
     big = make_adapter(llama, tmp_path / "big", seed=8, r=16)
-    for name, why in [("other", "trained on base 'other-base'"), ("gpt", "not a layer this server"),
-                      ("wide", r"expected A \(4, 64\)"), ("big", "above this server's max_lora_rank=8"),
+    for name, why in [("other", "trained on base 'other-base'"),
+                      ("gpt", r"h\.0\.attn\.c_attn\.lora_A\.weight: no such module in this base"),
+                      ("wide", r"q_proj\.lora_A\.weight: shape \(4, 65\) \(expected \(4, 64\)"),
+                      ("big", "rank 16, above this server's max_lora_rank=8"),
                       ("nobody", "does not exist")]:
         with pytest.raises(AdapterError, match=why):
             cache.acquire(name)  # found under the adapters root on demand, checked, refused
