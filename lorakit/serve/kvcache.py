@@ -205,3 +205,47 @@ class BatchKV(Cache):
                 new[:b, :, first:end].copy_(span)
         self.starts = [start - self.first + first for start in self.starts]
         self.first, self.end = first, end
+
+
+# transformers versions whose cache API (`Cache(layers=...)`, `CacheLayerMixin`, per-layer
+# `update`/`get_mask_sizes`) `BatchKV` was written against and tested with.
+TESTED_TRANSFORMERS = "5.0-5.25"
+
+
+def batch_kv_mismatch(model, pad_id: int = 0) -> str | None:
+    """None when `BatchKV` decodes on `model` as a plain forward does, else what differs.
+
+    `BatchKV` restates how transformers reads and writes a cache, so it is checked on the
+    model in hand before serving: two rows of different lengths are prefilled left-padded,
+    joined, and stepped once; each row's logits must match the model run on that row alone,
+    without a cache (to the tolerance of the dtype: the kernels differ)."""
+    from transformers import DynamicCache
+
+    from lorakit.models.load import cache_of, with_cache
+
+    weight = next(model.parameters())
+    device, vocab = weight.device, model.config.vocab_size
+    rows = [[(7 * i + 3) % vocab for i in range(6)], [(5 * i + 1) % vocab for i in range(3)]]
+    step = [[(11 % vocab)], [(13 % vocab)]]
+    tol = 1e-3 if weight.dtype == torch.float32 else 5e-2
+    try:
+        with torch.no_grad():
+            ids, mask = left_pad(rows, pad_id, device)
+            out = model(**with_cache(model, DynamicCache(), dict(
+                input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                use_cache=True)))
+            kv = BatchKV(max_rows=len(rows))
+            kv.join(cache_of(out), [len(r) for r in rows])
+            step_mask, step_positions = kv.step_inputs(device)
+            got = model(**with_cache(model, kv, dict(
+                input_ids=torch.tensor(step, device=device), attention_mask=step_mask,
+                position_ids=step_positions, use_cache=True))).logits[:, -1].float()
+            kv.advance()
+            for i, (row, token) in enumerate(zip(rows, step)):
+                want = model(torch.tensor([row + token], device=device)).logits[0, -1].float()
+                err = (got[i] - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
+                if not err <= tol:
+                    return f"row {i}: relative logit difference {err:.3g} (tolerance {tol:g})"
+    except (RuntimeError, TypeError, AttributeError, ValueError, IndexError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None

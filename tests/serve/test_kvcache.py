@@ -113,3 +113,25 @@ def test_leaving_moves_only_the_last_rows():
     assert order == [0, 4, 2, 5]  # the holes 1 and 3 take rows 4 and 5; rows 0 and 2 stay
     assert kv.starts == [0, 4, 2, 5] and kv.first == 0
     assert kv.layers[0].keys[:4, 0, :6, 0].tolist() == [[v] * 6 for v in [0.0, 4.0, 2.0, 5.0]]
+
+
+@pytest.mark.parametrize("make", [tiny.tiny_llama, tiny.tiny_gpt2, _tiny_mistral])
+def test_the_start_up_check_passes_where_batch_kv_is_right(make):
+    from lorakit.serve.kvcache import batch_kv_mismatch
+
+    assert batch_kv_mismatch(make()) is None
+
+
+def test_the_start_up_check_catches_a_cache_transformers_reads_differently(monkeypatch):
+    """A cache whose layers report the wrong length (as a transformers release that sized the
+    mask from another method would see it) is caught before serving, and the service refuses."""
+    from lorakit.errors import ModelLoadError
+    from lorakit.serve.config import ServeConfig
+    from lorakit.serve.kvcache import batch_kv_mismatch
+    from lorakit.serve.service import Service
+
+    model = tiny.tiny_llama()
+    monkeypatch.setattr(_SlotLayer, "get_mask_sizes", lambda self, *a, **k: (2, 0))
+    assert batch_kv_mismatch(model) is not None
+    with pytest.raises(ModelLoadError, match="serving KV cache"):
+        Service.from_model(model, tiny.tiny_tokenizer(), ServeConfig(), base_name="tiny")
