@@ -145,7 +145,8 @@ def read_raw(adapter_dir: str | Path) -> RawAdapter:
     problems = [f"{k}: missing (expected in every LoRA adapter_config.json)"
                 for k in ("r", "lora_alpha") if k not in config]
     if not problems:
-        cfg = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=["-"],
+        cfg = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"],
+                         target_modules=config.get("target_modules") or ["-"],
                          use_rslora=config.get("use_rslora") or False,
                          rank_pattern=config.get("rank_pattern") or {},
                          alpha_pattern=config.get("alpha_pattern") or {})
