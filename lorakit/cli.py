@@ -144,10 +144,13 @@ def cmd_merge(args) -> int:
 
 def cmd_data_stats(args) -> int:
     """Counts, token lengths, duplicates and warnings for a data file."""
+    from lorakit.data.formats import load_examples
     from lorakit.data.stats import data_stats, print_data_stats
     from lorakit.models import load_tokenizer
 
-    stats = data_stats(args.file, load_tokenizer(args.model), max_seq_len=args.max_seq_len)
+    examples = load_examples(args.file)  # a bad file is named before the tokenizer loads
+    stats = data_stats(args.file, load_tokenizer(args.model), max_seq_len=args.max_seq_len,
+                       examples=examples)
     if args.json:
         print(json.dumps(stats, indent=2))
     else:

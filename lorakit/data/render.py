@@ -42,8 +42,15 @@ def supervised_count(labels: list[int]) -> int:
 
 def _render(messages, tokenizer, add_generation_prompt: bool) -> str:
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+        except (TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
+            # Templates call raise_exception() on conversations they do not support
+            # (roles that do not alternate, a system turn in the middle ...).
+            raise DataError(f"the chat template refuses this conversation ({e})") from None
     eos = tokenizer.eos_token or ""
     parts = []
     for m in messages:
@@ -103,7 +110,10 @@ def answer_spans(messages, tokenizer) -> tuple[str, list[tuple[int, int]]]:
 
 def encode_example(ex: Example, tokenizer, max_seq_len: int, train_on_inputs: bool = False) -> Encoded:
     """Token ids and labels for one example, truncated to `max_seq_len` from the end."""
-    full, spans = answer_spans(ex.messages, tokenizer)
+    try:
+        full, spans = answer_spans(ex.messages, tokenizer)
+    except DataError as e:
+        raise DataError(f"{ex.source}:{ex.line}: {e}") from None
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if train_on_inputs:

@@ -34,8 +34,9 @@ def _shape_of(ex) -> str:
     return "multi-turn chat" if roles.count("assistant") > 1 else "single-turn"
 
 
-def data_stats(path: str | Path, tokenizer, max_seq_len: int = 2048) -> dict:
-    examples = load_examples(path)
+def data_stats(path: str | Path, tokenizer, max_seq_len: int = 2048, examples=None) -> dict:
+    """The stats of a data file (`examples`: its rows, when already read with `load_examples`)."""
+    examples = load_examples(path) if examples is None else examples
     _, duplicates = dedupe(examples)
     totals, prompts, answers = [], [], []
     truncated = dropped = 0
@@ -55,7 +56,8 @@ def data_stats(path: str | Path, tokenizer, max_seq_len: int = 2048) -> dict:
         warnings.append(f"fewer than {MIN_EXAMPLES} examples ({len(examples)}): a LoRA trained on this "
                         "tends to memorise; 500-1,000 good examples is a floor")
     if duplicates:
-        warnings.append(f"{duplicates} duplicate rows (training removes them with data.dedupe: true)")
+        warnings.append(f"{duplicates} duplicate rows (training drops them with data.dedupe: true "
+                        "and reports how many)")
     if truncated or dropped:
         warnings.append(f"at max_seq_len={max_seq_len}: {truncated} answers cut short, {dropped} rows "
                         "with no answer token left")

@@ -39,7 +39,7 @@ from lorakit.train.methods import (
     TRAINABLE_DIR, TRAINABLE_FILE, load_trainable, make_trainable, save_model_dir, save_trainable,
 )
 from lorakit.train.packing import pack_batch, packed_attention_mode, packing_supported
-from lorakit.train.prepare import prepare_data
+from lorakit.train.prepare import check_model_fits, prepare_data
 from lorakit.train.progress import TrainProgress
 from lorakit.train.schedule import lr_at
 
@@ -174,6 +174,7 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
         from lorakit.models.identity import base_identity
 
         model.lorakit_identity = base_identity(model, cfg.model.name)
+    check_model_fits(cfg, model)
     torch.manual_seed(t.seed)  # seeds the adapter init, dropout and everything after
     named_params = make_trainable(model, cfg)
     total_params, trainable_params = count_parameters(model)
