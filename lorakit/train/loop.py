@@ -207,9 +207,10 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
         state, opt_tensors, rng_tensors = load_checkpoint(ckpt)
         from safetensors.torch import load_file
 
-        if t.method == "lora":
-            load_trainable(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")),
-                           prefix=PEFT_PREFIX)
+        if t.method == "lora":  # read by the one adapter checker, as every adapter load is
+            from lorakit.adapters.check import read_adapter
+
+            load_trainable(model, read_adapter(ckpt / "adapter").tensors, prefix=PEFT_PREFIX)
         else:
             load_trainable(model, load_file(str(ckpt / TRAINABLE_DIR / TRAINABLE_FILE)))
         optimizer_from_files(optimizer, opt_tensors, state["optimizer"])
