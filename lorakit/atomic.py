@@ -78,7 +78,8 @@ def _errno_of(e: BaseException) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def storage_error(path: Path, e: BaseException, doing: str = "cannot write") -> StorageError | None:
+def storage_error(path: str | Path, e: BaseException,
+                  doing: str = "cannot write") -> StorageError | None:
     """A StorageError naming `path` and what is wrong, if `e` is a failed write we can explain
     (read-only, full disk, permission, a file in a folder's place); otherwise None."""
     code = _errno_of(e)
@@ -98,7 +99,7 @@ def make_folder(path: Path, what: str = "") -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        err = storage_error(path, e, f"cannot create the folder{label}")
+        err = storage_error(f"{path}{label}", e, "cannot create the folder")
         if err is None:
             raise
         raise err from e
