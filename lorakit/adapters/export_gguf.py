@@ -26,6 +26,7 @@ import torch
 
 from lorakit.atomic import atomic_file
 from lorakit.errors import ExportError
+from lorakit.models.families import gguf_architectures, refusal
 
 FORMATS = ("gguf", "gguf-lora")
 MODEL_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -34,7 +35,9 @@ MODEL_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 LORA_OUTTYPES = ("f32", "f16", "bf16")
 # The converters' defaults: f16 for models, f32 for LoRA files.
 DEFAULT_OUTTYPE = {"gguf": "f16", "gguf-lora": "f32"}
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# {transformers class: gguf.MODEL_ARCH member}, from the family table (Llama, and Mistral, which
+# llama.cpp's converter also writes as llama).
+SUPPORTED_ARCHITECTURES = gguf_architectures()
 
 
 @dataclass
@@ -52,11 +55,14 @@ class ExportResult:
 def check_architecture(model, source: str) -> None:
     """Refuse a base whose GGUF form we do not write (or would write wrongly)."""
     arch = type(model).__name__
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ExportError(f"{source}: architecture {arch} cannot be exported to GGUF; supported: "
-                          f"{', '.join(SUPPORTED_ARCHITECTURES)} (the Llama family, e.g. SmolLM2)")
+    why = refusal(model, "gguf")
+    if arch not in SUPPORTED_ARCHITECTURES or why is not None:
+        raise ExportError(f"{source}: architecture {arch} cannot be exported to GGUF ({why}); "
+                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     cfg = model.config
     problems = []
+    if getattr(cfg, "sliding_window", None) is not None:
+        problems.append(f"sliding_window={cfg.sliding_window} (llama.cpp's llama graph has no window)")
     # llama.cpp's llama graph is SiLU-gated, bias-free, with plain or no rope scaling.
     if getattr(cfg, "hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={cfg.hidden_act!r} (expected 'silu')")
@@ -74,7 +80,11 @@ def check_architecture(model, source: str) -> None:
 def tensor_name_map(config):
     import gguf
 
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    from lorakit.models.families import family_of
+
+    fam = family_of(config)
+    arch = fam.gguf_arch if fam is not None and fam.gguf_arch else "LLAMA"
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], config.num_hidden_layers)
 
 
 def gguf_tensor_name(name_map, hf_name: str) -> str:

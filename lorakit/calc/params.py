@@ -2,10 +2,11 @@
 
 `param_table` lists every parameter tensor a transformers model of this config would have, under
 the names `model.named_parameters()` gives (a tied output head counted once, under the embedding),
-so a test can compare the two name by name. Two families are described, following the
-transformers implementations: Llama-style decoders (`llama`, `mistral`, `qwen2`, `qwen3`:
-RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP) and GPT-2-style decoders (`gpt2`:
-LayerNorm with bias, learned positions, fused QKV `Conv1D`, 4x GELU MLP).
+so a test can compare the two name by name. Every family of `lorakit.models.families` is
+described by its row there (block linears with their sizes, norms, q/k norms, tying, biases),
+following the transformers implementations: rotary decoders (`llama`, `mistral`, `qwen2`,
+`qwen3`, `gemma2`, `gemma3_text`, `phi3`: RMSNorm, grouped-query attention, gated MLP) and
+GPT-2-style decoders (`gpt2`: LayerNorm with bias, learned positions, fused QKV `Conv1D`).
 
 Trainable counts per method follow the papers and our own `lorakit.lora.inject`:
   * LoRA (Hu et al. 2021): r * (d_in + d_out) per adapted linear module, which modules chosen by
@@ -21,9 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lorakit.errors import ConfigError, ModelLoadError, TargetModulesError
+from lorakit.models.families import FAMILIES, Family, family
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
-GPT2_FAMILY = ("gpt2",)
 METHODS = ("full", "lora", "dora", "qlora", "freeze")
 LORA_METHODS = ("lora", "dora", "qlora")
 
@@ -33,7 +33,7 @@ class ModelShape:
     """The config fields that decide parameter counts and activation sizes."""
 
     model_type: str
-    family: str  # "llama" or "gpt2"
+    family: str  # "llama" (rotary decoders) or "gpt2": which activation model calc uses
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -61,8 +61,27 @@ class ModelShape:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def row(self) -> Family:
+        """The family table's row for this model type."""
+        return FAMILIES[self.model_type]
+
+    @property
     def block_prefix(self) -> str:
-        return "model.layers" if self.family == "llama" else "transformer.h"
+        return self.row.block_path
+
+    def dim(self, expr: str) -> int:
+        """A size from the table's symbols: `h`, `q`, `kv`, `i`, with multiples and sums
+        (`3h`, `2i`, `q+2kv`)."""
+        sizes = {"h": self.hidden_size, "q": self.q_dim, "kv": self.kv_dim, "i": self.intermediate_size}
+        total = 0
+        for term in expr.split("+"):
+            digits = term[:len(term) - len(term.lstrip("0123456789"))]
+            total += int(digits or 1) * sizes[term[len(digits):]]
+        return total
+
+    def has_bias(self, kind: str) -> bool:
+        return {"qkv": self.qkv_bias, "o": self.o_bias, "mlp": self.mlp_bias,
+                "always": True, "never": False}[kind]
 
 
 @dataclass(frozen=True)
@@ -117,12 +136,13 @@ def shape_from_config(cfg: dict, source: str = "config") -> ModelShape:
     (e.g. Llama unties the output head, GPT-2 ties it), so a trimmed config reads as the real one.
     """
     model_type = cfg.get("model_type")
-    if model_type not in LLAMA_FAMILY + GPT2_FAMILY:
+    row = family(model_type)
+    if row is None:
         raise ModelLoadError(
             f"{source}: model_type {model_type!r} is not one calc can size (expected one of "
-            f"{', '.join(LLAMA_FAMILY + GPT2_FAMILY)})")
+            f"{', '.join(FAMILIES)})")
     problems: list[str] = []
-    if model_type in GPT2_FAMILY:
+    if row.conv1d:
         required = ("vocab_size", "n_embd", "n_layer", "n_head")
         problems += [f"{source}: {k}: missing (needed to count parameters)" for k in required if k not in cfg]
         hidden = _get(cfg, "n_embd", 768, problems, source)
@@ -151,22 +171,21 @@ def shape_from_config(cfg: dict, source: str = "config") -> ModelShape:
         hidden = _get(cfg, "hidden_size", 4096, problems, source)
         heads = _get(cfg, "num_attention_heads", 32, problems, source)
         kv_heads = _get(cfg, "num_key_value_heads", None, problems, source) or heads
-        head_dim = _get(cfg, "head_dim", None, problems, source) or hidden // heads
-        # Mistral has no biases; Qwen2 hard-codes them on q/k/v (not o); Llama and Qwen3 follow
-        # `attention_bias`.
-        attention_bias = bool(cfg.get("attention_bias", False)) and model_type != "mistral"
+        head_dim = _get(cfg, "head_dim", row.default_head_dim, problems, source) or hidden // heads
+        # The table says which config switch gives biases (Qwen2 hard-codes them on q/k/v).
+        attention_bias = bool(cfg.get("attention_bias", False)) and row.attention_bias == "config"
         shape = ModelShape(
             model_type=model_type, family="llama",
             vocab_size=_get(cfg, "vocab_size", 32000, problems, source),
             hidden_size=hidden, num_layers=_get(cfg, "num_hidden_layers", 32, problems, source),
             num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
             intermediate_size=_get(cfg, "intermediate_size", 11008, problems, source),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=False if model_type == "qwen2" else attention_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)) and model_type == "llama",
-            qk_norm=model_type == "qwen3",
-            activation=cfg.get("hidden_act", "silu"),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", row.tie_default)),
+            qkv_bias=row.attention_bias == "qkv" or attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)) and row.mlp_bias == "config",
+            qk_norm=row.qk_norm,
+            activation=cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu",
             attn_dropout=_get(cfg, "attention_dropout", 0.0, problems, source, float),
         )
         if heads % kv_heads:
@@ -181,19 +200,9 @@ def linear_modules(shape: ModelShape) -> list[LinearModule]:
     """Every linear layer with (d_in, d_out), in `named_modules()` order, the head last."""
     out = []
     h, p = shape.hidden_size, shape.block_prefix
+    rows = [(lin.path, shape.dim(lin.d_in), shape.dim(lin.d_out), shape.has_bias(lin.bias))
+            for lin in shape.row.block_linears]
     for i in range(shape.num_layers):
-        if shape.family == "llama":
-            rows = [("self_attn.q_proj", h, shape.q_dim, shape.qkv_bias),
-                    ("self_attn.k_proj", h, shape.kv_dim, shape.qkv_bias),
-                    ("self_attn.v_proj", h, shape.kv_dim, shape.qkv_bias),
-                    ("self_attn.o_proj", shape.q_dim, h, shape.o_bias),
-                    ("mlp.gate_proj", h, shape.intermediate_size, shape.mlp_bias),
-                    ("mlp.up_proj", h, shape.intermediate_size, shape.mlp_bias),
-                    ("mlp.down_proj", shape.intermediate_size, h, shape.mlp_bias)]
-        else:
-            rows = [("attn.c_attn", h, 3 * h, True), ("attn.c_proj", h, h, True),
-                    ("mlp.c_fc", h, shape.intermediate_size, True),
-                    ("mlp.c_proj", shape.intermediate_size, h, True)]
         out += [LinearModule(f"{p}.{i}.{name}", d_in, d_out, bias, i) for name, d_in, d_out, bias in rows]
     out.append(LinearModule("lm_head", h, shape.vocab_size, False, None))
     return out
@@ -201,12 +210,9 @@ def linear_modules(shape: ModelShape) -> list[LinearModule]:
 
 def param_table(shape: ModelShape) -> dict[str, int]:
     """{parameter name: numel}, as `dict((n, p.numel()) for n, p in model.named_parameters())`."""
-    h, p = shape.hidden_size, shape.block_prefix
-    table: dict[str, int] = {}
-    if shape.family == "llama":
-        table["model.embed_tokens.weight"] = shape.vocab_size * h
-    else:
-        table["transformer.wte.weight"] = shape.vocab_size * h
+    h, p, row = shape.hidden_size, shape.block_prefix, shape.row
+    table: dict[str, int] = {f"{row.embedding}.weight": shape.vocab_size * h}
+    if shape.max_positions:
         table["transformer.wpe.weight"] = shape.max_positions * h
     for lin in linear_modules(shape):
         if lin.name == "lm_head" and shape.tie_word_embeddings:
@@ -214,22 +220,17 @@ def param_table(shape: ModelShape) -> dict[str, int]:
         table[f"{lin.name}.weight"] = lin.d_in * lin.d_out
         if lin.bias:
             table[f"{lin.name}.bias"] = lin.d_out
+    # GPT-2's LayerNorms have a bias; the RMSNorms of the rotary families do not.
+    norm_tensors = ("weight", "bias") if row.conv1d else ("weight",)
     for i in range(shape.num_layers):
-        if shape.family == "llama":
-            table[f"{p}.{i}.input_layernorm.weight"] = h
-            table[f"{p}.{i}.post_attention_layernorm.weight"] = h
-            if shape.qk_norm:
-                table[f"{p}.{i}.self_attn.q_norm.weight"] = shape.head_dim
-                table[f"{p}.{i}.self_attn.k_norm.weight"] = shape.head_dim
-        else:
-            for ln in ("ln_1", "ln_2"):
-                table[f"{p}.{i}.{ln}.weight"] = h
-                table[f"{p}.{i}.{ln}.bias"] = h
-    if shape.family == "llama":
-        table["model.norm.weight"] = h
-    else:
-        table["transformer.ln_f.weight"] = h
-        table["transformer.ln_f.bias"] = h
+        for norm in row.block_norms:
+            for t in norm_tensors:
+                table[f"{p}.{i}.{norm}.{t}"] = h
+        if shape.qk_norm:
+            table[f"{p}.{i}.self_attn.q_norm.weight"] = shape.head_dim
+            table[f"{p}.{i}.self_attn.k_norm.weight"] = shape.head_dim
+    for t in norm_tensors:
+        table[f"{row.final_norm}.{t}"] = h
     return table
 
 

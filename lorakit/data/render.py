@@ -21,9 +21,11 @@ from dataclasses import dataclass
 
 from lorakit.data.formats import Example
 from lorakit.errors import DataError
+from lorakit.models.families import end_of_turn_tokens
 
 IGNORE = -100
-_END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<end_of_turn>")
+# Every family's end-of-turn token (lorakit.models.families), then the plain end-of-text tokens.
+_END_MARKERS = tuple(dict.fromkeys(end_of_turn_tokens() + ("<|endoftext|>", "</s>")))
 _FALLBACK_HEADERS = {"system": "", "user": "### Instruction:\n", "assistant": "### Response:\n"}
 
 

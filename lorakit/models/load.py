@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorakit.errors import ModelLoadError
+from lorakit.models.families import end_of_turn_tokens
 from lorakit.models.gguf_cache import FROM_PRETRAINED_LOCK, convert_gguf
 from lorakit.models.head import contiguous_head_input
 from lorakit.models.identity import base_identity
@@ -41,8 +42,8 @@ BUNDLED_MODELS: dict[str, tuple[str, str, str]] = {
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                  "pytorch_model.bin", "pytorch_model.bin.index.json")
 
-# Tokens that end an assistant turn in the chat formats we ship examples for (ChatML, Llama 3).
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+# Tokens that end an assistant turn in the families' chat templates (lorakit.models.families).
+_END_OF_TURN = end_of_turn_tokens()
 
 
 def bundled_gguf(name: str) -> Path:

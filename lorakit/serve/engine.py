@@ -514,13 +514,16 @@ class Engine:
 
 
 def end_of_turn_ids(model, tokenizer) -> set[int]:
-    """Token ids that end a turn: the tokenizer's eos, ChatML's <|im_end|>, <|endoftext|>, and
-    whatever the model's generation config names."""
+    """Token ids that end a turn: the tokenizer's eos, every family's end-of-turn token
+    (lorakit.models.families: <|im_end|>, <|eot_id|>, <end_of_turn>, <|end|> ...), <|endoftext|>,
+    and whatever the model's generation config names."""
+    from lorakit.models.families import end_of_turn_tokens
+
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     vocab = tokenizer.get_vocab()
-    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
+    for tok in end_of_turn_tokens() + ("<|endoftext|>",):
         if tok in vocab:
             ids.add(vocab[tok])
     gen = getattr(model, "generation_config", None)

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.models.families import lean_classes
+
 # transformers classes whose forward is exactly `weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)`
-# (Gemma's adds 1 to the weight and is not here).
-RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
-# ... and whose MLP is `down(act(gate(x)) * up(x))`.
-GATED_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
+# (Gemma's adds 1 to the weight and is not here), and whose MLP is `down(act(gate(x)) * up(x))`:
+# the family table's `lean_rms_norm` / `lean_gated_mlp` columns.
+RMS_NORMS, GATED_MLPS = lean_classes()
 
 
 class RMSNormFunction(torch.autograd.Function):

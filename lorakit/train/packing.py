@@ -30,9 +30,6 @@ from lorakit.data.render import IGNORE, Encoded
 from lorakit.errors import LorakitError
 
 PACKED_ATTENTION = "lorakit_packed"
-# Decoder families whose attention is plain causal self-attention through transformers'
-# AttentionInterface (no sliding window, soft-capping or attention sinks to honour).
-PACKABLE_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
 @dataclass
@@ -212,12 +209,13 @@ def _register() -> None:
 
 def packing_supported(model) -> str | None:
     """None when the model can train padding-free, else the reason it cannot."""
-    cfg = getattr(model, "config", None)
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in PACKABLE_MODEL_TYPES:
-        return f"model type {model_type!r} is not one of {', '.join(PACKABLE_MODEL_TYPES)}"
-    if getattr(cfg, "use_sliding_window", False):
-        return "the model uses sliding-window attention"
+    # The family table says whose attention is plain causal self-attention through
+    # transformers' AttentionInterface (no sliding window, soft-capping or sinks to honour).
+    from lorakit.models.families import refusal
+
+    why = refusal(model, "packing")
+    if why is not None:
+        return why
     if not getattr(model, "_supports_attention_backend", False):
         return "the model does not take transformers' attention functions"
     return None
