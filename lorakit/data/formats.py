@@ -186,7 +186,7 @@ def _parse_json(text: str) -> tuple[object, str | None, int]:
     try:
         return json.loads(text), None, 0
     except json.JSONDecodeError as e:
-        return None, f"not valid JSON ({e.msg} at column {e.colno})", e.lineno
+        return None, f"not valid JSON ({e.msg}; column {e.colno})", e.lineno
     except RecursionError:
         return None, "JSON nested too deeply (expected rows a few levels deep)", 1
     except ValueError as e:  # e.g. an integer longer than Python's digit limit
@@ -241,16 +241,18 @@ def load_examples(path: str | Path, system_prompt: str | None = None) -> list[Ex
         raise DataError(f"{path}: none of its {len(rows)} rows has a known shape (expected {SHAPES} "
                         f"fields; the first row's keys: {keys})")
     examples = []
+    bad_rows = len(problems)  # lines that are not JSON
     for n, row in rows:
         messages, row_problems = row_to_messages(row, system_prompt)
         where = f"{path}:{n}" if unit == "line" else f"{path}: row {n}"
         problems += [f"{where}: {p}" for p in row_problems]
+        bad_rows += bool(row_problems)
         if messages is not None:
             examples.append(Example(tuple(messages), n, str(path), messages[-1]["content"].strip()))
     if problems:
         shown = problems[:MAX_SHOWN]
         more = f"\n  ... and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
-        raise DataError(f"{path}: {len(problems)} bad row(s):\n  " + "\n  ".join(shown) + more)
+        raise DataError(f"{path}: {bad_rows} bad row(s):\n  " + "\n  ".join(shown) + more)
     if not examples:
         raise DataError(f"{path}: no rows (expected rows with {SHAPES} fields)")
     return examples

@@ -121,6 +121,17 @@ def test_bad_rows_are_capped_with_a_count(tmp_path):
     assert lines[-1] == "  ... and 20 more"
 
 
+def test_the_header_counts_rows_not_problems(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(JSONL + "".join(json.dumps({"instruction": i, "output": [i]}) + "\n" for i in range(3)))
+    with pytest.raises(DataError) as e:
+        load_examples(p)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{p}: 3 bad row(s):" and len(lines) == 7
+    assert lines[1:3] == [f"  {p}:3: field 'instruction' is int (expected a string)",
+                          f"  {p}:3: field 'output' is list (expected a string)"]
+
+
 @pytest.mark.parametrize("text, fragment", [
     ('{"messages": [{"role": "assistant", "content": "a"}]}', "no user message"),
     ('{"messages": [{"role": ["user"], "content": "a"}, {"role": "assistant", "content": "b"}]}',
