@@ -122,7 +122,9 @@ def cmd_eval(args) -> int:
     evaluate_files(args.model, args.adapter, args.data, out_dir=args.out, task=args.task,
                    compare=args.compare, batch_size=args.batch_size, max_examples=args.max_examples,
                    dtype=args.dtype, device=args.device, console=_console(),
-                   quantize_base=args.quantize_base)
+                   quantize_base=args.quantize_base, baselines=args.baselines,
+                   train_data=args.train_data, corpus=args.corpus, seed=args.seed,
+                   baseline_rows=args.baseline_rows)
     return 0
 
 
@@ -240,6 +242,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="eval_report", help="folder for report.json and report.md")
     sp.add_argument("--quantize-base", choices=["nf4"],
                     help="evaluate on the NF4 base a QLoRA adapter was trained on")
+    sp.add_argument("--baselines", help="base-model baselines beside the adapter, e.g. "
+                    "zero-shot,few-shot:5,retrieval:5")
+    sp.add_argument("--train-data", help="labelled rows few-shot and retrieval draw examples from")
+    sp.add_argument("--corpus", help="passages (.jsonl with \"text\", or text) for retrieval:K as context")
+    sp.add_argument("--baseline-rows", type=int, default=0, help="seeded subset of rows for the baselines")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw and the subset")
 
     sp = add("merge", cmd_merge, "merge an adapter into its base")
     sp.add_argument("--model", default=DEFAULT_MODEL)

@@ -103,6 +103,11 @@ class EvalSection:
     compare: bool = True  # put the base model beside the adapter
     batch_size: int = 16
     max_examples: int = 0  # 0 = all rows
+    # Prompting baselines beside the adapter (lorakit/eval/baselines.py), e.g.
+    # "zero-shot,few-shot:5,retrieval:5"; few-shot and retrieval draw from data.train.
+    baselines: str = ""
+    corpus: str | None = None  # passages for retrieval:K on knowledge tasks (.jsonl "text" or text)
+    baseline_rows: int = 0  # a seeded subset (data.seed) of the eval rows for the baselines; 0 = all
 
 
 @dataclass
@@ -123,7 +128,7 @@ class RunConfig:
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name != "source"}
-_PATH_KEYS = {("data", "train"), ("data", "validation"), ("eval", "data")}
+_PATH_KEYS = {("data", "train"), ("data", "validation"), ("eval", "data"), ("eval", "corpus")}
 
 
 def _output_dir_problem(output_dir: str) -> str | None:
@@ -188,6 +193,12 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
         p.append(f"eval.batch_size: got {cfg.eval.batch_size} (expected >= 1)")
     if cfg.eval.max_examples < 0:
         p.append(f"eval.max_examples: got {cfg.eval.max_examples} (expected >= 0; 0 = all rows)")
+    if cfg.eval.baselines.strip():
+        from lorakit.eval.baselines import baseline_problems
+
+        p += [f"eval.baselines: {x}" for x in baseline_problems(cfg.eval.baselines)]
+    if cfg.eval.baseline_rows < 0:
+        p.append(f"eval.baseline_rows: got {cfg.eval.baseline_rows} (expected >= 0; 0 = all rows)")
     return p
 
 

@@ -20,13 +20,22 @@ from lorakit.lora import lora_layers, set_adapters_enabled
 
 def evaluate_model(model, tokenizer, examples, out_dir: str | Path, task: str = "auto",
                    compare_base: bool = True, batch_size: int = 16, max_seq_len: int = 512,
-                   console=None, base_model=None, fine_tuned: bool | None = None) -> dict:
+                   console=None, base_model=None, fine_tuned: bool | None = None,
+                   baselines: str | None = None, train_examples=None, corpus: str | None = None,
+                   seed: int = 0, baseline_rows: int = 0) -> dict:
     """Evaluate the adapter (and the base, with `compare_base`) and write the report.
 
     `fine_tuned` says whether `model` is a trained model (default: it has LoRA layers). A trained
     model without LoRA layers (full or freeze fine-tuning) needs `base_model`, the untouched base
     with the same tokenizer, for the base column when `compare_base` is set.
+
+    `baselines` ("zero-shot,few-shot:5,retrieval:5", `lorakit.eval.baselines`) adds the base model
+    prompted with `train_examples` (or `corpus` passages) beside the adapter on a seeded subset of
+    `baseline_rows` rows (0: all), written to baselines.json/.md and under "baselines" in the report.
     """
+    from lorakit.eval.baselines import parse_baselines
+
+    baseline_list = parse_baselines(baselines)  # a bad spec fails before any model runs
     has_adapter = any(True for _ in lora_layers(model))
     fine_tuned = has_adapter if fine_tuned is None else fine_tuned
     if fine_tuned and not has_adapter and compare_base and base_model is None:
@@ -52,11 +61,35 @@ def evaluate_model(model, tokenizer, examples, out_dir: str | Path, task: str = 
         report = compare(results["base"], results["adapter"], labels)
     else:
         report = results
+    if baseline_list:
+        report["baselines"] = _baselines(model, tokenizer, examples, report, baseline_list,
+                                         train_examples, corpus, seed, baseline_rows, batch_size,
+                                         out_dir, base_model, fine_tuned, console)
     json_path, md_path = write_report(report, out_dir)
     if console:
-        print_report(report, console=console)
+        print_report(report, console=console, full_report=str(md_path))
         console.print(f"report: {md_path} and {json_path}")
     return report
+
+
+def _baselines(model, tokenizer, examples, report, baseline_list, train_examples, corpus, seed,
+               baseline_rows, batch_size, out_dir, base_model, fine_tuned, console) -> dict:
+    from lorakit.eval.baselines import print_baselines, run_baselines, write_baselines
+    from lorakit.eval.retrieval import read_corpus
+
+    columns = [report[k] for k in ("adapter", "base") if isinstance(report.get(k), dict)] or [report]
+    if columns[0]["task"] != "classification":
+        raise LorakitError("baselines: need classification data (the answers a small label set); "
+                           f"this data was evaluated as {columns[0]['task']}")
+    study = run_baselines(model, tokenizer, examples, list(train_examples or []), baseline_list,
+                          report.get("labels") or columns[0]["labels"], base_model=base_model,
+                          adapter=fine_tuned, seed=seed, batch_size=batch_size, index_dir=out_dir,
+                          corpus=read_corpus(corpus) if corpus else None, max_rows=baseline_rows,
+                          console=console)
+    write_baselines(study, out_dir)
+    if console:
+        print_baselines(study, console)
+    return study
 
 
 def evaluate_run(cfg, adapter_dir, model=None, tokenizer=None, console=None) -> dict:
@@ -92,15 +125,31 @@ def evaluate_run(cfg, adapter_dir, model=None, tokenizer=None, console=None) -> 
     return evaluate_model(model, tokenizer, examples, out_dir, task=cfg.eval.task,
                           compare_base=cfg.eval.compare, batch_size=cfg.eval.batch_size,
                           max_seq_len=cfg.data.max_seq_len, console=console,
-                          base_model=base_model, fine_tuned=True)
+                          base_model=base_model, fine_tuned=True, baselines=cfg.eval.baselines,
+                          train_examples=_train_rows(cfg) if cfg.eval.baselines else None,
+                          corpus=cfg.eval.corpus, seed=cfg.data.seed,
+                          baseline_rows=cfg.eval.baseline_rows)
+
+
+def _train_rows(cfg) -> list:
+    """The training rows few-shot and retrieval baselines draw from (the run's data.train)."""
+    return load_examples(cfg.data.train, system_prompt=cfg.data.system_prompt)
 
 
 def evaluate_files(model_spec: str, adapter_dir: str | None, data: str, out_dir: str,
                    task: str = "auto", compare: bool = False, batch_size: int = 16,
                    max_examples: int = 0, dtype: str = "auto", device: str = "auto",
-                   console=None, quantize_base: str | None = None) -> dict:
+                   console=None, quantize_base: str | None = None, baselines: str | None = None,
+                   train_data: str | None = None, corpus: str | None = None, seed: int = 0,
+                   baseline_rows: int = 0) -> dict:
     """`lorakit eval`: a model spec, an optional adapter, a data file (`quantize_base="nf4"`:
-    on the NF4 base a QLoRA adapter was trained on)."""
+    on the NF4 base a QLoRA adapter was trained on); `baselines` draw from `train_data`."""
+    from lorakit.eval.baselines import parse_baselines
+
+    kinds = {b.kind for b in parse_baselines(baselines)}
+    if kinds & {"few-shot", "retrieval"} and not train_data and not (kinds == {"retrieval"} and corpus):
+        raise LorakitError("--baselines few-shot/retrieval: pass --train-data FILE (the labelled "
+                           "rows the examples are drawn from)")
     from lorakit.adapters import load_adapter
     from lorakit.device import resolve_device, resolve_dtype
     from lorakit.models import load_base
@@ -118,4 +167,6 @@ def evaluate_files(model_spec: str, adapter_dir: str | None, data: str, out_dir:
         examples = examples[:max_examples]
     return evaluate_model(model, tokenizer, examples, out_dir, task=task,
                           compare_base=compare or not adapter_dir, batch_size=batch_size,
-                          console=console)
+                          console=console, baselines=baselines,
+                          train_examples=load_examples(train_data) if train_data else None,
+                          corpus=corpus, seed=seed, baseline_rows=baseline_rows)
