@@ -1,0 +1,261 @@
+"""Every family in `lorakit.models.families`, end to end, on a tiny model built in code.
+
+One matrix, parametrized by `model_type`: a training step lowers the loss and leaves the base
+bit-identical; our adapter loads in PEFT with the same logits and PEFT's loads in ours (1e-5,
+fp32); merged equals unmerged; padding-free packing gives the padded batch's loss and gradients,
+or the family is refused for packing with the reason; a mixed batch of 3 adapters in the serving
+engine equals each adapter merged and run alone; `calc` counts equal `numel()`.
+
+The tiny configs keep what breaks naive code: Gemma's scaled embeddings, tied head, attention and
+final-logit soft-capping, a sliding-window layer (window 8, shorter than the prompts) and
+`(1 + w)` RMSNorm (norm weights moved off their init so the `1 +` matters); Phi-3's fused
+`qkv_proj` / `gate_up_proj`, which lorakit adapts whole as PEFT does; GPT-2's `Conv1D`.
+"""
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from lorakit.adapters import load_adapter, save_adapter
+from lorakit.calc.params import param_table, shape_from_config
+from lorakit.data.collate import pad_batch
+from lorakit.data.render import IGNORE, Encoded
+from lorakit.lora import LoraConfig, inject, lora_layers, merge, unmerge
+from lorakit.lora.inject import adapter_parameters, target_names
+from lorakit.models.families import FAMILIES, family_of, refusal
+from lorakit.train.loss import causal_lm_loss_sum, packed_loss_sum
+from lorakit.train.packing import pack_batch, packed_attention_mode, packing_supported
+from tests import tiny
+from tests.lora.test_layer import randomize_b
+
+peft = pytest.importorskip("peft")
+
+TYPES = list(FAMILIES)
+_COMMON = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               pad_token_id=0, bos_token_id=0, eos_token_id=0)
+_GEMMA = dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+              layer_types=["sliding_attention", "full_attention"])
+
+
+@functools.lru_cache(maxsize=None)
+def _built(model_type: str):
+    import transformers as T
+
+    if model_type == "llama":
+        return tiny.tiny_llama()
+    if model_type == "gpt2":
+        model = tiny.tiny_gpt2()
+        model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0
+        return model
+    config_class, model_class, extra = {
+        "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
+        "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(head_dim=16)),
+        "mistral": (T.MistralConfig, T.MistralForCausalLM, dict(sliding_window=None)),
+        "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM,
+                   dict(_GEMMA, attn_logit_softcapping=50.0, final_logit_softcapping=5.0)),
+        "gemma3_text": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, _GEMMA),
+        "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {}),
+    }[model_type]
+    torch.manual_seed(0)
+    model = model_class(config_class(**_COMMON, **extra))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # norms off their init (Gemma's weights start at 0 for its 1 + w)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def tiny_family(model_type: str):
+    """A fresh 2-layer model of the family (hidden 64), fp32, eval mode."""
+    return copy.deepcopy(_built(model_type))
+
+
+def ids(seed=0, n=16):
+    return torch.randint(1, 400, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def targets(model_type: str) -> list[str]:
+    """The family's `all-linear` as the leaf names the table lists."""
+    return list(dict.fromkeys(FAMILIES[model_type].all_linear))
+
+
+def examples(lengths=(5, 11, 3, 17, 8), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        row = torch.randint(1, 400, (n,), generator=g).tolist()
+        out.append(Encoded(row, [IGNORE] * (n // 2) + row[n // 2:]))
+    return out
+
+
+def test_table_matches_the_models_linears():
+    """all-linear as inject resolves it equals the table's attention + MLP leaves, and the presets
+    name real modules."""
+    for model_type in TYPES:
+        model = tiny_family(model_type)
+        fam = family_of(model)
+        assert fam is FAMILIES[model_type]
+        chosen = target_names(model, LoraConfig(target_modules="all-linear"))
+        assert {n.rsplit(".", 1)[-1] for n in chosen} == set(fam.all_linear), model_type
+        assert all(n.startswith(fam.block_path + ".") for n in chosen), model_type
+        for preset in ("attention", "mlp"):
+            assert target_names(model, LoraConfig(target_modules=fam.targets(preset)))
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_training_step_lowers_loss_and_keeps_base(model_type):
+    model = tiny_family(model_type)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    rows = examples()
+    batch = pad_batch(rows, pad_id=0)
+    opt = torch.optim.AdamW(adapter_parameters(model), lr=1e-2)
+
+    def loss():
+        total, n = causal_lm_loss_sum(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        return total / n
+
+    with torch.no_grad():
+        before = float(loss())
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = float(loss())
+    assert after < before - 1e-3, (before, after)
+    now = model.state_dict()
+    for k, v in base.items():
+        # a wrapped module's weight moves under `.base.` but keeps its bits
+        key = k if k in now else k.rsplit(".", 1)[0] + ".base." + k.rsplit(".", 1)[1]
+        assert torch.equal(now[key], v), (model_type, k)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_adapter_round_trips_with_peft(model_type, tmp_path):
+    from peft import LoraConfig as PeftLoraConfig, PeftModel, get_peft_model
+
+    x = ids()
+    kw = dict(r=4, lora_alpha=8, target_modules=targets(model_type))
+    model = tiny_family(model_type)
+    with torch.no_grad():
+        base_logits = model(x).logits
+    inject(model, LoraConfig(**kw))
+    randomize_b(model, scale=0.3)
+    with torch.no_grad():
+        ours = model(x).logits
+    assert not torch.allclose(ours, base_logits, atol=1e-3), "the adapter must change the output"
+    save_adapter(model, LoraConfig(**kw), tmp_path / "ours")
+    theirs_model = PeftModel.from_pretrained(tiny_family(model_type), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs_model(x).logits, ours, atol=1e-5, rtol=0)
+
+    torch.manual_seed(3)  # init_lora_weights=False: PEFT leaves B random, so the adapter matters
+    pm = get_peft_model(tiny_family(model_type), PeftLoraConfig(init_lora_weights=False, **kw)).eval()
+    with torch.no_grad():
+        theirs = pm(x).logits
+    pm.save_pretrained(str(tmp_path / "peft"))
+    back = tiny_family(model_type)
+    load_adapter(back, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, theirs, atol=1e-5, rtol=0)
+    # Fused layers are adapted whole: one A and one B over the fused output, as in PEFT.
+    fused = FAMILIES[model_type].fused
+    assert not fused or any(name.endswith(fused) for name, _ in lora_layers(back))
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_merged_equals_unmerged(model_type):
+    x = ids(2)
+    model = tiny_family(model_type)
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_b(model, scale=0.3)
+    with torch.no_grad():
+        unmerged = model(x).logits
+        merge(model)
+        merged = model(x).logits
+        unmerge(model)
+        again = model(x).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_packing_equals_padded_or_is_refused(model_type):
+    model = tiny_family(model_type)
+    why = packing_supported(model)
+    if FAMILIES[model_type].packing:
+        assert why is not None and FAMILIES[model_type].packing in why and repr(model_type) in why
+        return
+    assert why is None
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_b(model, scale=0.1)
+    model.set_attn_implementation("eager")
+    rows = examples()
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        total, n = fn()
+        total.backward()
+        return float(total.detach()), n, {k: p.grad.clone() for k, p in model.named_parameters()
+                                 if p.grad is not None}
+
+    padded = pad_batch(rows, pad_id=0)
+    ref = loss_and_grads(lambda: causal_lm_loss_sum(model, padded["input_ids"], padded["labels"],
+                                                    padded["attention_mask"]))
+    with packed_attention_mode(model):
+        got = loss_and_grads(lambda: packed_loss_sum(model, pack_batch(rows)))
+    assert got[1] == ref[1]
+    assert got[0] == pytest.approx(ref[0], rel=1e-5)
+    assert got[2].keys() == ref[2].keys() and ref[2]
+    for k in ref[2]:
+        torch.testing.assert_close(got[2][k], ref[2][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_packing_refuses_a_configured_sliding_window():
+    """Mistral v0.1 and some Phi-3 configs set a window: refused with the window named."""
+    model = tiny_family("mistral")
+    model.config.sliding_window = 4096
+    assert "sliding_window=4096" in packing_supported(model)
+    assert refusal({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False},
+                   "packing") is None
+    assert "not in lorakit's family table" in refusal({"model_type": "falcon"}, "packing")
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_mixed_adapter_batch_equals_each_adapter_merged(model_type, tmp_path):
+    from lorakit.serve.engine import Request
+    from tests.serve.builders import greedy, greedy_reference, make_adapter, merged_model, run_all, served
+
+    base = tiny_family(model_type)
+    tokenizer = tiny.tiny_tokenizer()
+    leaves = targets(model_type)
+    dirs = {f"a{i}": make_adapter(base, tmp_path / f"a{i}", seed=10 + i, r=2 + i, targets=leaves,
+                                  b_std=0.3) for i in range(3)}
+    engine, _, registry = served(base, tokenizer, tmp_path, targets=leaves)
+    for name, d in dirs.items():
+        registry.add(name, d)
+    n = 6
+    prompts = [tokenizer(p)["input_ids"] for p in ("is this bike still available? can you do 50",
+                                                   "what colour is it and how big is the table")]
+    assert all(len(p) > 8 for p in prompts)  # past Gemma's sliding window of 8
+    adapters = [None, "a0", "a1", "a2"]
+    reqs = [engine.submit(Request(p, a, greedy(n))) for p in prompts for a in adapters]
+    run_all(engine, reqs)
+    merged = {a: merged_model(base, dirs[a] if a else None) for a in adapters}
+    for r in reqs:
+        assert r.output_ids == greedy_reference(merged[r.adapter], r.prompt_ids, n), (r.adapter,)
+    assert len({tuple(r.output_ids) for r in reqs}) > len(prompts)  # adapters change answers
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_calc_counts_equal_numel(model_type):
+    model = tiny_family(model_type)
+    shape = shape_from_config(model.config.to_dict(), source=model_type)
+    assert param_table(shape) == {n: p.numel() for n, p in model.named_parameters()}
