@@ -282,21 +282,96 @@ def write_report(results: dict, out_dir) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def print_report(results: dict, console=None) -> None:
-    """The report's tables on the terminal (rich)."""
+SHOWN_CLASSES = 5  # per-class rows printed at each end when the whole table does not fit
+
+
+def print_report(results: dict, console=None, full_report: str = "report.md") -> None:
+    """The report's tables on the terminal (rich), as many as fit its width: the summary always;
+    the per-class table whole when it fits, else the best and worst classes by F1; the confusion
+    matrix when it fits. A line points to `full_report` for what was left out."""
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
+    left_out = []
     for title, header, rows in _tables(results):
-        table = Table(title=title, title_justify="left")
-        # Class names stay whole; the numeric headers ("adapter F1") stack to keep the table narrow.
-        table.add_column(header[0], no_wrap=True, min_width=max(len(r[0]) for r in rows))
-        for h in header[1:]:
-            table.add_column(h.replace(" ", "\n"), justify="right")
-        for row in rows:
-            table.add_row(*row)
+        if title == "Per class":
+            table = _rich_table(title, header, rows, console.width)
+            if not _fits(console, table):
+                title = _shown_classes_title(results, len(rows) - 1)
+                header, rows = _f1_columns(results, header, rows)
+                table = _rich_table(title, header, rows, console.width)
+                left_out.append("precision and recall of every class")
+        else:
+            table = _rich_table(title, header, rows, console.width)
+            if not _fits(console, table):
+                left_out.append(f"the {len(rows)} x {len(rows)} confusion matrix")
+                continue
         console.print(table)
     if "agreement" in results:
         a = results["agreement"]
         console.print(f"rows only the adapter gets right: {a['adapter_only']}, only the base: {a['base_only']}")
+    if left_out:
+        console.print(f"not shown at this width: {' and '.join(left_out)}; the full tables are "
+                      f"in {full_report} (and report.json)", soft_wrap=False)
+
+
+def _rich_table(title, header, rows, width):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    # Class names stay on one line, cut with an ellipsis only when the console is too narrow; the
+    # numeric headers ("adapter F1") stack to keep the table narrow.
+    table.add_column(header[0], no_wrap=True, overflow="ellipsis",
+                     min_width=min(max(len(r[0]) for r in rows), max(8, width // 3)))
+    for h in header[1:]:
+        table.add_column(h.replace(" ", "\n"), justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _fits(console, table) -> bool:
+    from rich.measure import Measurement
+
+    # Measured without the console's limit, which would clamp the answer to the console width.
+    wide = console.options.update_width(1 << 16)
+    return Measurement.get(console, wide, table).maximum <= console.width
+
+
+def _shown_classes_title(results, n_classes: int) -> str:
+    name = _columns(results)[-1][0]
+    if n_classes <= 2 * SHOWN_CLASSES:
+        return f"Per class: F1 of the {n_classes} classes, best first by {name} F1"
+    return (f"Per class: the {SHOWN_CLASSES} best and {SHOWN_CLASSES} worst of {n_classes} "
+            f"by {name} F1")
+
+
+def _f1_columns(results, header, rows):
+    """The per-class table cut to F1 (and the change) for the best and worst classes by the last
+    column's F1, with a `...` row between and the macro row last."""
+    cols = _columns(results)
+    f1_at = [header.index(f"{name} F1") for name, _ in cols]
+    new_header = ["class", "support"] + [f"{name} F1" for name, _ in cols]
+    if len(cols) == 2:
+        new_header.append("change")
+
+    def f1(result, label):
+        rep = result["report"]
+        return rep["macro_f1"] if label is None else rep["per_class"][label]["f1"]
+
+    def cut(row, label):
+        out = [row[0], row[1]] + [row[i] for i in f1_at]
+        if len(cols) == 2:
+            out.append(f"{100 * (f1(cols[1][1], label) - f1(cols[0][1], label)):+.1f} pts")
+        return out
+
+    classes, macro = rows[:-1], rows[-1]
+    ranked = sorted(classes, key=lambda r: (-f1(cols[-1][1], r[0]), r[0]))
+    if len(ranked) > 2 * SHOWN_CLASSES:
+        skipped = len(ranked) - 2 * SHOWN_CLASSES
+        gap = [f"... {skipped} more", ""] + [""] * (len(new_header) - 2)
+        shown = [cut(r, r[0]) for r in ranked[:SHOWN_CLASSES]] + [gap] + \
+            [cut(r, r[0]) for r in ranked[-SHOWN_CLASSES:]]
+    else:
+        shown = [cut(r, r[0]) for r in ranked]
+    return new_header, shown + [cut(macro, None)]

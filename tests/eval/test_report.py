@@ -101,3 +101,54 @@ def test_print_report_tables():
     text = console.export_text()
     assert "83.3%" in text and "+33.3 pts" in text and "spam|ham" in text
     assert "only the adapter gets right: 2" in text
+
+
+def _many_classes(n=77, rows_per_class=4):
+    """n intent-style labels (some long, as Banking77's are); the base is right on every 4th row
+    of a class, the adapter on all but the last row of the first classes' half."""
+    labels = [f"intent_{i:02d}_" + "card_payment_not_recognised"[: i % 28] for i in range(n)]
+    y_true = [label for label in labels for _ in range(rows_per_class)]
+    base = [t if i % 4 == 0 else labels[0] for i, t in enumerate(y_true)]
+    adapter = [t if (i % 4 != 3 or labels.index(t) >= n // 2) else labels[-1]
+               for i, t in enumerate(y_true)]
+
+    def result(predictions):
+        return {"task": "classification", "rows": len(y_true), "labels": labels,
+                "y_true": y_true, "predictions": predictions, "hinted_rows": 0,
+                "report": classification_report(y_true, predictions, labels), "loss": 1.0,
+                "perplexity": math.e, "tokens": 100, "examples": len(y_true),
+                "answers_truncated": 0, "answers_dropped": 0, "seconds": 1.0}
+
+    return compare(result(base), result(adapter), labels), labels
+
+
+def test_a_77_class_report_fits_80_columns():
+    report, labels = _many_classes()
+    console = Console(record=True, width=80)
+    print_report(report, console=console, full_report="runs/r8/eval/report.md")
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "Per class: the 5 best and 5 worst of 77 by adapter F1" in text
+    assert "... 67 more" in text
+    # Best first: the second half's classes are all right for the adapter (F1 100%, ties by name).
+    body = [line for line in lines if line.startswith("│ intent_")]
+    assert len(body) == 10 and body[0].startswith(f"│ {labels[38]} ")
+    assert "100.0%" in body[0]
+    macro = next(line for line in lines if line.startswith("│ macro"))
+    want = 100 * (report["adapter"]["report"]["macro_f1"] - report["base"]["report"]["macro_f1"])
+    assert f"{want:+.1f} pts" in macro
+    assert "confusion" not in text.replace("confusion matrix; the full", "")
+    said = " ".join(text.split())
+    assert ("not shown at this width: precision and recall of every class and the 77 x 77 "
+            "confusion matrix; the full tables are in runs/r8/eval/report.md (and report.json)"
+            in said)
+
+
+def test_a_report_that_fits_is_printed_whole():
+    console = Console(record=True, width=120)
+    print_report(compare(BASE, ADAPTER, LABELS), console=console)
+    text = console.export_text()
+    assert "Per class" in text and "adapter\nF1" not in text and "not shown" not in text
+    assert "Confusion matrix (adapter; rows true, columns" in text
+    assert max(len(line) for line in text.splitlines()) <= 120
