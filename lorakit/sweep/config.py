@@ -40,6 +40,7 @@ from lorakit.config import RunConfig, build_config, load_config, parse_override
 from lorakit.errors import ConfigError
 from lorakit.schema import build, raise_problems, read_yaml_mapping
 
+MAX_TRIALS = 10_000  # draws of a random search; each trial is a training run
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -193,8 +194,8 @@ def _semantic_problems(s: SweepConfig) -> list[str]:
         p.append("base: missing (expected a run config YAML path or an inline run config)")
     if (s.grid is None) == (s.random is None):
         p.append("grid / random: expected exactly one of them")
-    if s.random is not None and s.trials < 1:
-        p.append(f"trials: got {s.trials} (expected >= 1 with random)")
+    if s.random is not None and not 1 <= s.trials <= MAX_TRIALS:
+        p.append(f"trials: got {s.trials} (expected 1 to {MAX_TRIALS} with random)")
     if s.grid is not None and (s.trials or s.seed):
         p.append("trials / seed: only used by random search (remove them, or use random)")
     if not s.output_dir:

@@ -132,6 +132,9 @@ def test_trial_overrides_round_trip():
 def test_sweep_keys_checked_by_the_shared_builder(tmp_path):
     path = write(tmp_path, {"grid": {"train.lr": [1e-3]}, "keep_checkpoints": "no", "trials": 1.5,
                             "overrides": [1], "seeds": 2})
+    with pytest.raises(ConfigError, match=r"trials: got 1000000000000 \(expected 1 to 10000 with random\)"):
+        load_sweep(write(tmp_path, {"random": {"train.lr": {"values": [1e-3]}}, "trials": 10 ** 12},
+                         name="many.yaml"))
     with pytest.raises(ConfigError) as e:
         load_sweep(path)
     msg = str(e.value)
