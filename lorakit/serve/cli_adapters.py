@@ -71,8 +71,49 @@ def cmd_adapters_add(args: argparse.Namespace) -> int:
     return 0
 
 
+# Columns of `adapters list`, in the order they are shown; DROPPED_FIRST says which go first when
+# the table does not fit the terminal (name, base, r and size always stay).
+LIST_COLUMNS = ("name", "base", "r", "targets", "size", "created", "eval", "pinned", "path")
+DROPPED_FIRST = ("path", "created", "targets", "eval", "pinned")
+
+
+def _list_cells(r: AdapterRecord) -> dict[str, str]:
+    targets = r.target_modules if isinstance(r.target_modules, str) else ",".join(r.target_modules)
+    evals = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in (r.eval_results or {}).items()
+                      if isinstance(v, (int, float, str))) or "-"
+    return {"name": r.name, "base": str(r.base_model), "r": str(r.rank), "targets": targets,
+            "size": human_bytes(r.size_bytes),
+            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), "eval": evals,
+            "pinned": "yes" if r.pinned else "", "path": str(r.path)}
+
+
+def adapters_table(records: list[AdapterRecord], width: int):
+    """(rich table, columns left out): every column when the table fits `width` unwrapped, else
+    without the columns of DROPPED_FIRST, one by one, until it does."""
+    from rich.console import Console
+    from rich.measure import Measurement
+    from rich.table import Table
+
+    rows = [_list_cells(r) for r in records]
+    measure = Console(width=1 << 16)
+    shown, dropped = list(LIST_COLUMNS), []
+    while True:
+        table = Table(*shown)
+        for column in table.columns:
+            column.no_wrap, column.overflow = True, "ellipsis"
+        for row in rows:
+            table.add_row(*(row[c] for c in shown))
+        wide = Measurement.get(measure, measure.options, table).maximum
+        if wide <= width or len(dropped) == len(DROPPED_FIRST):
+            return table, dropped
+        dropped.append(DROPPED_FIRST[len(dropped)])
+        shown.remove(dropped[-1])
+
+
 def cmd_adapters_list(args: argparse.Namespace) -> int:
-    """List registered adapters with their base, rank, targets, size and evaluation results."""
+    """List registered adapters with their base, rank, targets, size and evaluation results
+    (what fits the terminal; everything with --json)."""
     records = list_adapters()
     if args.json:
         print(json.dumps([r.to_json() for r in records], indent=2))
@@ -81,18 +122,13 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
         print("no adapters registered (add one with `lorakit adapters add NAME PATH`)")
         return 0
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table("name", "base", "r", "targets", "size", "created", "eval", "pinned", "path")
-    for r in records:
-        targets = r.target_modules if isinstance(r.target_modules, str) else ",".join(r.target_modules)
-        evals = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in (r.eval_results or {}).items()
-                          if isinstance(v, (int, float, str))) or "-"
-        table.add_row(r.name, str(r.base_model), str(r.rank), targets, human_bytes(r.size_bytes),
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), evals,
-                      "yes" if r.pinned else "", r.path)
-    Console().print(table)
+    console = Console()
+    table, dropped = adapters_table(records, console.width)
+    console.print(table)
+    if dropped:
+        console.print(f"not shown at this width: {', '.join(reversed(dropped))} "
+                      "(every field: `lorakit adapters list --json`)")
     return 0
 
 
@@ -116,7 +152,7 @@ def add_adapters_parser(sub) -> None:
     add.add_argument("--eval-results", default=None, help="JSON file of evaluation results to store")
     add.set_defaults(fn=cmd_adapters_add)
     ls = actions.add_parser("list", help="list adapters", description=cmd_adapters_list.__doc__)
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="every field of every adapter, as JSON")
     ls.set_defaults(fn=cmd_adapters_list)
     rm = actions.add_parser("remove", help="forget an adapter", description=cmd_adapters_remove.__doc__)
     rm.add_argument("name")
