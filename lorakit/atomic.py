@@ -82,11 +82,16 @@ def storage_error(path: str | Path, e: BaseException,
                   doing: str = "cannot write") -> StorageError | None:
     """A StorageError naming `path` and what is wrong, if `e` is a failed write we can explain
     (read-only, full disk, permission, a file in a folder's place); otherwise None."""
-    code = _errno_of(e)
-    if code not in _WRITE_ERRORS:
+    reason = write_failure(e)
+    if reason is None:
         return None
-    return StorageError(f"{path}: {doing} ({_WRITE_ERRORS[code]}); expected a writable folder "
-                        f"with free space")
+    return StorageError(f"{path}: {doing} ({reason}); expected a writable folder with free space")
+
+
+def write_failure(e: BaseException) -> str | None:
+    """What a failed write means in words ("the file system is read-only"), or None when `e` is
+    not a write failure we know."""
+    return _WRITE_ERRORS.get(_errno_of(e))
 
 
 def make_folder(path: Path, what: str = "") -> Path:

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from lorakit.atomic import atomic_dir, atomic_file
+from lorakit.atomic import atomic_dir, atomic_file, write_failure
 from lorakit.errors import ModelLoadError, StorageError
 from lorakit.paths import lorakit_home
 
@@ -218,8 +218,9 @@ def convert_gguf(gguf_path: Path) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ModelLoadError(f"{root}: cannot create the GGUF conversion cache ({e.strerror}); "
-                             f"expected a writable folder (set LORAKIT_HOME)") from e
+        raise ModelLoadError(f"{root}: cannot create the GGUF conversion cache "
+                             f"({write_failure(e) or e.strerror}); expected a writable folder "
+                             "(set LORAKIT_HOME)") from e
     with _exclusive(root / f".{final.name}.lock") as locked:
         if is_complete(final):  # another process converted it while we waited for the lock
             return final
