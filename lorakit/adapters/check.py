@@ -200,6 +200,8 @@ def config_problems(raw: dict) -> list[str]:
             why = _number_problem(raw[key], what, integer)
             if why:
                 problems.append(f"{key}: {why}")
+    if not isinstance(raw.get("fan_in_fan_out", False), bool):
+        problems.append(f"fan_in_fan_out: got {raw['fan_in_fan_out']!r} (expected true or false)")
     for key, what, integer in (("rank_pattern", rank, True), ("alpha_pattern", alpha, False)):
         if isinstance(raw.get(key), dict):
             for k, v in raw[key].items():
@@ -226,10 +228,13 @@ def read_config(adapter_dir: str | Path, root: str | Path | None = None) -> tupl
         raise AdapterError(f"{cfg_path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise AdapterError(f"{cfg_path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except ValueError as e:  # an integer past Python's 4300-digit conversion limit
+        raise AdapterError(f"{cfg_path}: not a usable JSON config ({e})") from None
     except RecursionError:
-        raw = None
+        raw = RecursionError
     if not isinstance(raw, dict):
-        got = "JSON nested too deeply" if raw is None else f"a JSON {type(raw).__name__}"
+        got = ("JSON nested too deeply" if raw is RecursionError else
+               f"a JSON {'null' if raw is None else type(raw).__name__}")
         raise AdapterError(f"{cfg_path}: expected a JSON object, got {got}")
     try:
         problems = config_problems(raw)

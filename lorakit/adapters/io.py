@@ -9,7 +9,9 @@ The base model's identity goes with the adapter: its name in the config's
 `base_model_name_or_path` (PEFT's own field) and a hash of its weights in the safetensors header
 metadata (`lorakit.base_weights_sha256`), where PEFT and vLLM ignore it rather than warn.
 
-Only safetensors are read: a pickled `adapter_model.bin` can run code when loaded.
+Only safetensors are read: a pickled `adapter_model.bin` can run code when loaded. Reading and
+checking a directory is the one adapter checker's job (`lorakit/adapters/check.py`); `load_adapter`
+calls it against the model before changing anything.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lorakit.adapters.check import WEIGHTS_NAME, read_config, read_tensors
+from lorakit.adapters.check import FLOAT_DTYPES, WEIGHTS_NAME, read_config, read_tensors
 from lorakit.adapters.io import write_adapter_files
 from lorakit.errors import AdapterError
 from lorakit.lora.config import LoraConfig
@@ -191,7 +191,10 @@ def _consistency(raw: RawAdapter) -> list[Finding]:
         elif rank != raw.cfg.r_for(module):
             problems.setdefault("tensor rank differs from the config's r for the module "
                                 "(r / rank_pattern)", []).append(module)
-    bad = [k for k, t in raw.tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    dtypes = [k for k, t in raw.tensors.items() if t.dtype not in FLOAT_DTYPES]
+    if dtypes:
+        problems["dtype other than float16, bfloat16, float32 or float64"] = dtypes
+    bad = [k for k, t in raw.tensors.items() if t.dtype in FLOAT_DTYPES and not torch.isfinite(t).all()]
     if bad:
         problems["holds NaN or inf"] = bad
     if not raw.pairs:
