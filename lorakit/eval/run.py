@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from lorakit.atomic import write_text
+from lorakit.atomic import make_folder, write_text
 from lorakit.errors import DataError, LorakitError
 from lorakit.eval.metrics import classification_report
 
@@ -273,8 +273,7 @@ def _json_ready(obj):
 
 def write_report(results: dict, out_dir) -> tuple[Path, Path]:
     """Write report.json (everything, including per-row predictions) and report.md into out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(Path(out_dir), "report folder")
     md = to_markdown(results)
     json_path, md_path = out / REPORT_JSON, out / REPORT_MD
     write_text(json_path, json.dumps(_json_ready(results), indent=2, ensure_ascii=False) + "\n")

@@ -152,3 +152,15 @@ def test_a_report_that_fits_is_printed_whole():
     assert "Per class" in text and "adapter\nF1" not in text and "not shown" not in text
     assert "Confusion matrix (adapter; rows true, columns" in text
     assert max(len(line) for line in text.splitlines()) <= 120
+
+
+def test_report_folder_under_a_file(tmp_path):
+    from lorakit.errors import StorageError
+
+    blocker = tmp_path / "somefile"
+    blocker.write_text("x")
+    with pytest.raises(StorageError) as info:
+        write_report(compare(BASE, ADAPTER, LABELS), blocker / "eval")
+    assert str(info.value) == (f"{blocker / 'eval'} (report folder): cannot create the folder (a "
+                               "part of the path is a file, not a folder); expected a writable "
+                               "folder with free space")
