@@ -88,6 +88,19 @@ def storage_error(path: str | Path, e: BaseException,
     return StorageError(f"{path}: {doing} ({reason}); expected a writable folder with free space")
 
 
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Raise a failed write inside the block (an OSError we can explain) as StorageError naming
+    `path`; for writes that cannot go through a temporary (appending to a log)."""
+    try:
+        yield
+    except OSError as e:
+        err = storage_error(path, e)
+        if err is None:
+            raise
+        raise err from e
+
+
 def write_failure(e: BaseException) -> str | None:
     """What a failed write means in words ("the file system is read-only"), or None when `e` is
     not a write failure we know."""

@@ -10,6 +10,7 @@ import pytest
 
 from lorakit.atomic import (
     atomic_dir, atomic_file, clean_temps, make_folder, storage_error, temp_sibling, write_text,
+    writing,
 )
 from lorakit.errors import LorakitError, StorageError
 from tests.full_disk import tiny_tmpfs
@@ -158,3 +159,16 @@ def test_clean_temps_removes_dead_writers_only(tmp_path):
     assert clean_temps(tmp_path) == sorted([tmp_path / ".report.json.tmp-999999999-ffff", mine])
     assert _names(tmp_path) == sorted([live.name, "keep.txt"])
     assert clean_temps(tmp_path / "missing") == []
+
+
+def test_writing_names_the_path_of_a_failed_append(tmp_path):
+    log = tmp_path / "somefile" / "metrics.jsonl"
+    (tmp_path / "somefile").write_text("not a folder")
+    with pytest.raises(StorageError) as info:
+        with writing(log), open(log, "a") as f:
+            f.write("{}\n")
+    assert str(info.value) == (f"{log}: cannot write (a part of the path is a file, not a "
+                               "folder); expected a writable folder with free space")
+    with pytest.raises(FileNotFoundError):  # not a write failure: left as it is
+        with writing(log):
+            open(tmp_path / "missing.txt").read()
