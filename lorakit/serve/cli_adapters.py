@@ -78,13 +78,15 @@ DROPPED_FIRST = ("path", "created", "targets", "eval", "pinned")
 
 
 def _list_cells(r: AdapterRecord) -> dict[str, str]:
-    targets = r.target_modules if isinstance(r.target_modules, str) else ",".join(r.target_modules)
+    tm = r.target_modules  # a row that cannot be read back has None fields and an error
+    targets = tm if isinstance(tm, str) else ",".join(map(str, tm)) if isinstance(tm, list) else "?"
     evals = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                       for k, v in (r.eval_results or {}).items()
                       if isinstance(v, (int, float, str))) or "-"
     return {"name": r.name, "base": str(r.base_model), "r": str(r.rank), "targets": targets,
-            "size": human_bytes(r.size_bytes),
-            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), "eval": evals,
+            "size": "?" if r.size_bytes is None else human_bytes(r.size_bytes),
+            "created": "?" if r.created is None else
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), "eval": evals,
             "pinned": "yes" if r.pinned else "", "path": str(r.path)}
 
 
@@ -129,6 +131,9 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
     if dropped:
         console.print(f"not shown at this width: {', '.join(reversed(dropped))} "
                       "(every field: `lorakit adapters list --json`)")
+    for r in records:
+        if r.error:
+            console.print(f"{r.name}: {r.error}", markup=False, highlight=False)
     return 0
 
 

@@ -232,3 +232,24 @@ def test_a_corrupt_registry_is_one_error_with_the_fix(llama, tmp_path, monkeypat
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"lorakit {argv[0]}: error: {db}: ") and "\n" not in err, err
         assert f"mv {db} {db}.bad" in err and "lorakit adapters add NAME PATH" in err
+
+
+def test_a_row_that_cannot_be_read_back_is_listed_with_its_error(llama, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "home"))
+    for name in ("good", "odd"):
+        assert main(["adapters", "add", name, str(make_adapter(llama, tmp_path / name, seed=7))]) == 0
+    with sqlite3.connect(tmp_path / "home" / "adapters.sqlite") as db:  # an older version's row
+        db.execute("UPDATE adapters SET lora_alpha = ?, size_bytes = 'big', created = 'x', "
+                   "target_modules = '{' WHERE name = 'odd'", (float("-inf"),))
+    capsys.readouterr()
+    assert main(["adapters", "list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["good"]["error"] is None and rows["good"]["lora_alpha"] == 8.0
+    assert rows["odd"]["lora_alpha"] is None and rows["odd"]["target_modules"] is None
+    assert rows["odd"]["error"].startswith("registry row cannot be read back (lora_alpha: -inf; "
+                                           "target_modules: not valid JSON; size_bytes: 'big'; "
+                                           "created: 'x')")
+    assert main(["adapters", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "odd: registry row cannot be read back" in out and "good" in out
+    assert main(["adapters", "remove", "odd"]) == 0
