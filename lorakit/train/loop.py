@@ -6,7 +6,8 @@ and freeze baselines of `lorakit.train.methods`); linear warmup then cosine (`sc
 gradient accumulation where every supervised token of an optimizer step weighs the same (the
 step's loss is the sum of token losses over all its micro-batches divided by their total token
 count); gradient clipping; evaluation on the validation split; optional early stopping;
-checkpoints that resume exactly.
+checkpoints that resume exactly. Under `torchrun` the same loop runs on every rank, each on its
+share of the global batch, with DDP or FSDP2 around the model (`lorakit.train.distributed`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,20 +26,22 @@ from lorakit.adapters import save_adapter
 from lorakit.config import RunConfig, dump_config
 from lorakit.data.collate import pad_batch
 from lorakit.data.render import supervised_count
-from lorakit.device import dtype_of, resolve_device
-from lorakit.errors import LorakitError
+from lorakit.device import dtype_of
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.lora import count_parameters, lora_layers
 from lorakit.lora.inject import PEFT_PREFIX
 from lorakit.train.batches import BatchPlan
 from lorakit.train.checkpoint import (
     latest_checkpoint, load_checkpoint, optimizer_from_files, save_checkpoint, set_rng_state,
 )
+from lorakit.train.distributed import LossModule, as_float, setup, step_seed
 from lorakit.train.lean_ops import lean_modules
 from lorakit.train.loss import causal_lm_loss_sum, packed_loss_sum
 from lorakit.train.methods import (
     TRAINABLE_DIR, TRAINABLE_FILE, load_trainable, make_trainable, save_model_dir, save_trainable,
+    trainable_parameters,
 )
-from lorakit.train.packing import pack_batch, packed_attention_mode, packing_supported
+from lorakit.train.packing import host_to_device, pack_batch, packed_attention_mode, packing_supported
 from lorakit.train.prepare import check_model_fits, prepare_data
 from lorakit.train.progress import TrainProgress
 from lorakit.train.schedule import lr_at
@@ -65,6 +68,7 @@ class TrainResult:
     total_params: int
     stopped_early: bool = False
     method: str = "lora"
+    rank: int = 0  # under torchrun, this process's rank; only rank 0 wrote the outputs
 
 
 def _append_metrics(path: Path, row: dict) -> None:
@@ -91,26 +95,30 @@ def micro_batch_loss(model, examples, pad_id, device, supervised_only, packed_in
         batch = pack_batch(examples, packed_inner).to(device)
         loss_sum, n = packed_loss_sum(model, batch, supervised_only)
         return loss_sum, n, batch.tokens
-    batch = {k: v.to(device) for k, v in pad_batch(examples, pad_id).items()}
+    batch = {k: host_to_device(v, device) for k, v in pad_batch(examples, pad_id).items()}
     loss_sum, n = causal_lm_loss_sum(model, batch["input_ids"], batch["labels"],
                                      batch["attention_mask"], supervised_only)
     return loss_sum, n, int(batch["attention_mask"].sum())
 
 
 @torch.no_grad()
-def validation_loss(model, encoded, pad_id, batch_size, device, supervised_only=True,
-                    packed_inner: str | None = None) -> float:
-    """Mean cross-entropy per supervised token over a validation set."""
-    was_training = model.training
-    model.eval()
+def validation_loss(forward, encoded, batch_size, dist=None) -> float:
+    """Mean cross-entropy per supervised token over a validation set; `forward(examples)` is the
+    loop's (loss sum, tokens, input tokens) module. Under torchrun each rank takes its share of
+    every batch (so FSDP's collectives match) and the sums are added across ranks."""
+    was_training = forward.training
+    forward.eval()
     total, count = 0.0, 0
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     for start in range(0, len(order), batch_size):
         examples = [encoded[i] for i in order[start:start + batch_size]]
-        loss_sum, n, _ = micro_batch_loss(model, examples, pad_id, device, supervised_only,
-                                          packed_inner)
-        total, count = total + float(loss_sum), count + n
-    model.train(was_training)
+        share = dist.share(examples) if dist else None
+        loss_sum, n, _ = forward(share.examples if share else examples)
+        weight = share.weight if share else 1.0
+        total, count = total + weight * float(loss_sum), count + weight * n
+    forward.train(was_training)
+    if dist:
+        total, count = dist.sum(total, count)
     return total / max(count, 1)
 
 
@@ -137,6 +145,17 @@ def _apply_speed_settings(model, t, device, lengths: list[int]) -> str:
     return attn
 
 
+def _gradient_checkpointing(model) -> None:
+    """`train.gradient_checkpointing`: transformers' per-block `torch.utils.checkpoint` keeps each
+    block's input and recomputes the block in the backward pass (Chen et al. 2016, "Training Deep
+    Nets with Sublinear Memory Cost"). Non-reentrant, so frozen embeddings (LoRA) need no
+    `enable_input_require_grads` and keyword arguments (packed attention) pass through."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support "
+                          "it in transformers (set it to false)")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], t) -> list[dict]:
     """AdamW groups: one at the base rate; with LoRA+ (Hayou et al. 2024) a second for the B
     matrices and other 1-d adapter parameters (DoRA magnitudes) at `loraplus_lr_ratio` x the
@@ -161,7 +180,8 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
     ckpt_root, metrics_path = out / "checkpoints", out / "metrics.jsonl"
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = resolve_device(cfg.model.device)
+    # One process, or this rank of a torchrun launch (its device from LOCAL_RANK).
+    dist, device = setup(t.distributed, cfg.model.device, cfg.model.quantize_base)
 
     # Model: the base in the configured dtype; for lora frozen, with fp32 adapters on top.
     if model is None:
@@ -176,8 +196,10 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
         model.lorakit_identity = base_identity(model, cfg.model.name)
     check_model_fits(cfg, model)
     torch.manual_seed(t.seed)  # seeds the adapter init, dropout and everything after
-    named_params = make_trainable(model, cfg)
+    make_trainable(model, cfg)
     total_params, trainable_params = count_parameters(model)
+    if t.gradient_checkpointing:
+        _gradient_checkpointing(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # Data: encoded once; the batch plan decides the order from (seed, epoch) alone.
@@ -190,20 +212,11 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
     total_steps = t.max_steps or math.ceil(t.epochs * plan.per_epoch / t.grad_accum)
     warmup_steps = int(t.warmup_ratio * total_steps)
 
-    params = [p for _, p in named_params]
-    # The fused AdamW kernel (CPU and CUDA) updates every tensor in one pass: ~8 ms against ~40 ms
-    # for the default for-each path on the bundled study's 420 adapter tensors, same arithmetic.
-    fused = torch.device(device).type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(param_groups(named_params, t), lr=t.lr, weight_decay=t.weight_decay,
-                                  fused=fused)
-    config_yaml = dump_config(cfg)
-
-    step, micro, tokens_seen, input_tokens = 0, 0, 0, 0
-    best_val, evals_without_gain, best_weights = math.inf, 0, None
-    if resume:
-        ckpt = latest_checkpoint(ckpt_root)
-        if ckpt is None:
-            raise TrainingError(f"{ckpt_root}: no complete checkpoint to resume from")
+    # Resume: the trained weights go in before FSDP shards them; the rest after the optimizer.
+    ckpt = latest_checkpoint(ckpt_root) if resume else None
+    if resume and ckpt is None:
+        raise TrainingError(f"{ckpt_root}: no complete checkpoint to resume from")
+    if ckpt is not None:
         state, opt_tensors, rng_tensors = load_checkpoint(ckpt)
         from safetensors.torch import load_file
 
@@ -213,17 +226,38 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
             load_trainable(model, read_adapter(ckpt / "adapter").tensors, prefix=PEFT_PREFIX)
         else:
             load_trainable(model, load_file(str(ckpt / TRAINABLE_DIR / TRAINABLE_FILE)))
-        optimizer_from_files(optimizer, opt_tensors, state["optimizer"])
+
+    # What the loop calls: forward and loss as one module, wrapped in DDP or FSDP under torchrun.
+    forward = dist.wrap(LossModule(model, lambda m, examples: micro_batch_loss(
+        m, examples, pad_id, device, t.loss_on_supervised_only, packed_inner)), device)
+    named_params = trainable_parameters(model)  # after wrapping: FSDP replaces them by shards
+    params = [p for _, p in named_params]
+    # The fused AdamW kernel (CPU and CUDA) updates every tensor in one pass: ~8 ms against ~40 ms
+    # for the default for-each path on the bundled study's 420 adapter tensors, same arithmetic.
+    fused = torch.device(device).type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(param_groups(named_params, t), lr=t.lr, weight_decay=t.weight_decay,
+                                  fused=fused)
+    # A distributed run records what it ran as, so its saved config says "ddp" rather than "auto".
+    config_yaml = dump_config(cfg if dist.world_size == 1 else
+                              replace(cfg, train=replace(t, distributed=dist.strategy)))
+
+    step, micro, tokens_seen, input_tokens = 0, 0, 0, 0
+    best_val, evals_without_gain, best_weights = math.inf, 0, None
+    if ckpt is not None:
+        optimizer_from_files(optimizer, dist.shard_optimizer_tensors(optimizer, opt_tensors),
+                             state["optimizer"])
         set_rng_state(rng_tensors, state["rng"])
         step, micro, tokens_seen = state["step"], state["micro_batch"], state["tokens"]
         input_tokens = state["input_tokens"]
         best_val = state.get("best_val_loss") or math.inf
         evals_without_gain = state.get("evals_without_gain", 0)
-        _keep_metrics_up_to(metrics_path, step)
-    else:
+        if dist.is_main:
+            _keep_metrics_up_to(metrics_path, step)
+    elif dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
-    (out / "config.yaml").write_text(config_yaml)
+    if dist.is_main:  # rank 0 alone writes files
+        (out / "config.yaml").write_text(config_yaml)
 
     def write_weights(path):
         if t.method == "lora":  # PiSSA stays in its raw form: resuming recomputes the residual
@@ -232,50 +266,66 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
             save_trainable(model, path)
 
     def checkpoint():
-        save_checkpoint(ckpt_root, step, write_weights, optimizer,
-                        {"micro_batch": micro, "tokens": tokens_seen, "input_tokens": input_tokens,
-                         "best_val_loss": None if math.isinf(best_val) else best_val,
-                         "evals_without_gain": evals_without_gain},
-                        config_yaml, t.keep_checkpoints,
-                        weights_dir="adapter" if t.method == "lora" else TRAINABLE_DIR)
+        # Under FSDP every rank takes part in gathering the shards; rank 0 writes them.
+        with dist.full_weights(model):
+            optimizer_state = dist.full_optimizer_state(optimizer)
+            if dist.is_main:
+                save_checkpoint(ckpt_root, step, write_weights, optimizer_state,
+                                {"micro_batch": micro, "tokens": tokens_seen,
+                                 "input_tokens": input_tokens,
+                                 "best_val_loss": None if math.isinf(best_val) else best_val,
+                                 "evals_without_gain": evals_without_gain,
+                                 "distributed": dist.strategy, "world_size": dist.world_size},
+                                config_yaml, t.keep_checkpoints,
+                                weights_dir="adapter" if t.method == "lora" else TRAINABLE_DIR)
 
-    bar = TrainProgress(total_steps, step, console=console, enabled=progress)
+    bar = TrainProgress(total_steps, step, console=console, enabled=progress and dist.is_main)
     bar.note(f"{len(data.train)} train / {len(data.validation)} validation examples, "
              f"{trainable_params:,} trainable of {total_params:,} parameters "
-             f"({100 * trainable_params / total_params:.3f}%), {total_steps} steps")
+             f"({100 * trainable_params / total_params:.3f}%), {total_steps} steps, "
+             f"{dist.describe()}")
+    if ckpt is not None and state.get("world_size", 1) != dist.world_size:
+        bar.note(f"resuming a run saved with {state.get('world_size', 1)} rank(s) on "
+                 f"{dist.world_size}: the global batch and the update are the same; dropout draws differ")
     for w in data.warnings:
         bar.warn(w)
     if t.padding_free and not_packable:
         bar.note(f"padded micro-batches: padding-free training needs a supported model ({not_packable})")
 
-    model.train()
+    forward.train()
     start_time, start_tokens = time.perf_counter(), input_tokens
     train_loss = val_loss = None
     stopped_early = False
     with bar, (packed_attention_mode(model) if packed_inner else contextlib.nullcontext()), \
             (lean_modules(model, note=bar.note) if t.lean_activations else contextlib.nullcontext()):
         while step < total_steps:
-            # Forward and backward over this step's micro-batches, weighting every token alike.
+            if dist.world_size > 1:
+                torch.manual_seed(step_seed(t.seed, step, dist.rank))
+            # Forward and backward over this step's micro-batches, weighting every token alike:
+            # the global batch's supervised tokens divide each rank's share of the loss sum.
             micro_batches = [[data.train[i] for i in plan[micro + k]] for k in range(t.grad_accum)]
             step_tokens = sum(supervised_count(e.labels) for mb in micro_batches for e in mb)
             loss_total, step_input_tokens = 0.0, 0
-            for examples in micro_batches:
-                loss_sum, _, n_input = micro_batch_loss(model, examples, pad_id, device,
-                                                        t.loss_on_supervised_only, packed_inner)
-                if not torch.isfinite(loss_sum):
-                    last = latest_checkpoint(ckpt_root)
-                    raise TrainingError(
-                        f"step {step + 1}: the loss is {float(loss_sum)}; training stopped. "
-                        f"Last good checkpoint: {last or 'none'}. Lower train.lr "
-                        f"(now {t.lr:g}) or use model.dtype=fp32")
-                (loss_sum / max(step_tokens, 1)).backward()
-                loss_total += loss_sum.item()
-                step_input_tokens += n_input
+            for k, examples in enumerate(micro_batches):
+                share = dist.share(examples)
+                with dist.sync_gradients(last_micro_batch=k == len(micro_batches) - 1):
+                    loss_sum, _, n_input = forward(share.examples)
+                    if not torch.isfinite(loss_sum):
+                        last = latest_checkpoint(ckpt_root)
+                        raise TrainingError(
+                            f"step {step + 1}: the loss is {float(loss_sum)}; training stopped. "
+                            f"Last good checkpoint: {last or 'none'}. Lower train.lr "
+                            f"(now {t.lr:g}) or use model.dtype=fp32")
+                    (loss_sum * (share.weight * dist.loss_scale) / max(step_tokens, 1)).backward()
+                loss_total += share.weight * loss_sum.item()
+                step_input_tokens += int(share.weight) * n_input
+            loss_total, step_input_tokens = dist.sum(loss_total, step_input_tokens)
+            step_input_tokens = int(step_input_tokens)
             micro += t.grad_accum
 
             # Step: clip, set this step's rate, update, clear.
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) \
-                if t.max_grad_norm > 0 else torch.tensor(0.0)
+            grad_norm = as_float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)) \
+                if t.max_grad_norm > 0 else 0.0
             lr = lr_at(step, total_steps, warmup_steps, t.lr, t.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -289,20 +339,20 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
             # Log.
             elapsed = time.perf_counter() - start_time
             tok_per_s = (input_tokens - start_tokens) / max(elapsed, 1e-9)
-            if step % t.log_every == 0 or step == total_steps:
+            if dist.is_main and (step % t.log_every == 0 or step == total_steps):
                 _append_metrics(metrics_path, {
                     "step": step, "epoch": round(plan.epoch_of(micro), 4), "loss": train_loss,
-                    "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen,
+                    "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
                     "input_tokens": input_tokens,
                     "tokens_per_s": round(tok_per_s, 1), "elapsed_s": round(elapsed, 2)})
             bar.update(step, loss=train_loss, lr=lr, tok_per_s=tok_per_s)
 
             # Evaluate.
             if data.validation and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
-                val_loss = validation_loss(model, data.validation, pad_id, t.batch_size, device,
-                                           t.loss_on_supervised_only, packed_inner)
-                _append_metrics(metrics_path, {"step": step, "val_loss": val_loss,
-                                               "val_ppl": math.exp(min(val_loss, 50))})
+                val_loss = validation_loss(forward, data.validation, t.batch_size, dist)
+                if dist.is_main:
+                    _append_metrics(metrics_path, {"step": step, "val_loss": val_loss,
+                                                   "val_ppl": math.exp(min(val_loss, 50))})
                 bar.note(f"step {step}: validation loss {val_loss:.4f}")
                 if val_loss < best_val:
                     best_val, evals_without_gain = val_loss, 0
@@ -329,11 +379,17 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
                 if n in best_weights:
                     p.copy_(best_weights[n])
         val_loss = best_val
+    adapter_dir = out / ("adapter" if t.method == "lora" else "model")
     if t.method == "lora":
-        adapter_dir = save_adapter(model, cfg.lora, out / "adapter")
+        with dist.full_weights(model):
+            if dist.is_main:
+                save_adapter(model, cfg.lora, adapter_dir)
     else:
-        adapter_dir = save_model_dir(model, tokenizer, out / "model")
-    model.eval()
+        full_state = dist.full_state_dict(model)  # FSDP: the shards gathered; else None
+        if dist.is_main:
+            save_model_dir(model, tokenizer, adapter_dir, state_dict=full_state)
+    forward.eval()
+    dist.close()  # waits for rank 0's files, then leaves the process group
     return TrainResult(out, adapter_dir, step, train_loss, val_loss, tokens_seen, input_tokens,
                        time.perf_counter() - start_time, trainable_params, total_params, stopped_early,
-                       t.method)
+                       t.method, dist.rank)

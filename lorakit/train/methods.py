@@ -114,11 +114,13 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: s
         p.copy_(tensors[key])
 
 
-def save_model_dir(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
-    """Write a loadable transformers directory (safetensors weights + tokenizer), atomically."""
+def save_model_dir(model: nn.Module, tokenizer, out_dir: str | Path,
+                   state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a loadable transformers directory (safetensors weights + tokenizer), atomically.
+    `state_dict` replaces the model's own (FSDP's shards gathered by `lorakit.train.distributed`)."""
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return out

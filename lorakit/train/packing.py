@@ -93,9 +93,18 @@ class PackedBatch:
         return self.input_ids.shape[1]
 
     def to(self, device) -> PackedBatch:
-        info = PackInfo(self.info.lengths, self.info.inner, self.info.index.to(device))
-        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device),
-                           self.targets.to(device), info)
+        info = PackInfo(self.info.lengths, self.info.inner, host_to_device(self.info.index, device))
+        return PackedBatch(host_to_device(self.input_ids, device),
+                           host_to_device(self.position_ids, device),
+                           host_to_device(self.targets, device), info)
+
+
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU batch tensor on `device`; to a GPU through pinned memory, so the copy is a DMA that
+    does not wait for the host (the `pin_memory` of PyTorch's DataLoader)."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def pack_batch(encoded: list[Encoded], inner: str = "eager") -> PackedBatch:
