@@ -104,9 +104,16 @@ def cmd_train(args) -> int:
     if result.rank != 0:  # under torchrun rank 0 reports and evaluates, once
         return 0
     what = "adapter" if result.method == "lora" else "model"
-    console.print(f"[green]{what} written to[/] {result.adapter_dir} "
-                  f"({result.steps} steps, {result.seconds:.0f} s, final loss {result.train_loss:.4f}"
-                  + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "") + ")")
+    losses = "".join(f", {name} {value:.4f}" for name, value in
+                     (("final loss", result.train_loss), ("validation loss", result.val_loss))
+                     if value is not None)
+    if result.already_finished:
+        console.print(f"this run had already finished ({result.steps} steps{losses}); its {what} "
+                      f"is in {result.adapter_dir}. Nothing to resume: to train again, set a new "
+                      "train.output_dir or run without --resume")
+    else:
+        console.print(f"[green]{what} written to[/] {result.adapter_dir} "
+                      f"({result.steps} steps, {result.seconds:.0f} s{losses})")
     console.print(f"metrics: {result.output_dir / 'metrics.jsonl'}")
     if cfg.eval.data:
         from lorakit.eval.study import evaluate_run

@@ -97,10 +97,13 @@ def answer_spans(messages, tokenizer) -> tuple[str, list[tuple[int, int]]]:
     for i in assistant_turns:
         before = _render(messages[:i], tokenizer, add_generation_prompt=True)
         through = _render(messages[:i + 1], tokenizer, add_generation_prompt=False)
-        if not (through.startswith(before) and full.startswith(through)):
+        # Stable through the end-of-turn marker is enough: Phi-3's template closes a
+        # conversation with eos, which the full render has only after its last turn.
+        end = _answer_end(through, len(before), markers)
+        if not (through.startswith(before) and full.startswith(through[:end])):
             spans = []  # not prefix-stable: supervise the final answer alone (below)
             break
-        spans.append((len(before), _answer_end(through, len(before), markers)))
+        spans.append((len(before), end))
     if not spans:
         before = _render(messages[:-1], tokenizer, add_generation_prompt=True)
         if not full.startswith(before):

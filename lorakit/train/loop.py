@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters import save_adapter
+from lorakit.atomic import clean_temps, make_folder, write_text, writing
 from lorakit.config import RunConfig, dump_config
 from lorakit.data.collate import pad_batch
 from lorakit.data.render import supervised_count
@@ -32,7 +32,8 @@ from lorakit.lora import count_parameters, lora_layers
 from lorakit.lora.inject import PEFT_PREFIX
 from lorakit.train.batches import BatchPlan
 from lorakit.train.checkpoint import (
-    latest_checkpoint, load_checkpoint, optimizer_from_files, save_checkpoint, set_rng_state,
+    MANIFEST, latest_checkpoint, load_checkpoint, optimizer_from_files, save_checkpoint,
+    set_rng_state,
 )
 from lorakit.train.distributed import LossModule, as_float, setup, step_seed
 from lorakit.train.lean_ops import lean_modules
@@ -69,23 +70,61 @@ class TrainResult:
     stopped_early: bool = False
     method: str = "lora"
     rank: int = 0  # under torchrun, this process's rank; only rank 0 wrote the outputs
+    already_finished: bool = False  # resumed a run that had finished: nothing was trained
 
 
 def _append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
 
 
-def _keep_metrics_up_to(path: Path, step: int) -> None:
-    """On resume, drop rows the interrupted run logged after its checkpoint (written atomically)."""
+def _metric_rows(path: Path) -> tuple[list[dict], bool]:
+    """(rows, torn) of metrics.jsonl. A kill in the middle of an append leaves a torn last line,
+    which is left out (torn=True); a bad line anywhere else is an error naming it."""
     if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()
-            and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
+        return [], False
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows, torn = [], False
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            if i == len(lines):
+                torn = True
+                continue
+            raise TrainingError(f"{path}: line {i} is not a JSON object ({line[:40]!r}); expected "
+                                "one JSON object per line (fix or delete the line, then resume)")
+        rows.append(row)
+    return rows, torn
+
+
+def _keep_metrics_up_to(path: Path, step: int) -> bool:
+    """On resume, drop rows the interrupted run logged after its checkpoint and a torn last line
+    (rewritten atomically). Returns whether a torn line was dropped."""
+    rows, torn = _metric_rows(path)
+    if path.exists():
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))
+    return torn
+
+
+def _last_losses(path: Path) -> tuple[float | None, float | None]:
+    """(last training loss, last validation loss) logged in metrics.jsonl."""
+    rows, _ = _metric_rows(path)
+    train_loss = next((r["loss"] for r in reversed(rows) if "loss" in r), None)
+    val_loss = next((r["val_loss"] for r in reversed(rows) if "val_loss" in r), None)
+    return train_loss, val_loss
+
+
+def _output_is_current(output: Path, ckpt: Path) -> bool:
+    """The final adapter (or model) folder was written after the run's last checkpoint. It is
+    renamed into place whole (lorakit.atomic), so existing means complete; an older one is left
+    from an earlier run in the same output_dir."""
+    return output.is_dir() and output.stat().st_mtime_ns >= (ckpt / MANIFEST).stat().st_mtime_ns
 
 
 def micro_batch_loss(model, examples, pad_id, device, supervised_only, packed_inner):
@@ -212,6 +251,14 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
     total_steps = t.max_steps or math.ceil(t.epochs * plan.per_epoch / t.grad_accum)
     warmup_steps = int(t.warmup_ratio * total_steps)
 
+    # Temporaries of a writer killed mid-write (lorakit.atomic) in this run's folders.
+    notices = []
+    if dist.is_main:
+        stale = clean_temps(out) + clean_temps(ckpt_root)
+        if stale:
+            notices.append(f"removed {len(stale)} unfinished write(s) of an interrupted run: "
+                           + ", ".join(p.name for p in stale[:3]) + (" ..." if len(stale) > 3 else ""))
+
     # Resume: the trained weights go in before FSDP shards them; the rest after the optimizer.
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     if resume and ckpt is None:
@@ -226,6 +273,17 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
             load_trainable(model, read_adapter(ckpt / "adapter").tensors, prefix=PEFT_PREFIX)
         else:
             load_trainable(model, load_file(str(ckpt / TRAINABLE_DIR / TRAINABLE_FILE)))
+    # A run that finished (every step, or stopped early) has nothing left to train; when its final
+    # output is in place too, resuming it only says where that is.
+    finished = ckpt is not None and (state.get("stopped_early") or state["step"] >= total_steps)
+    adapter_dir = out / ("adapter" if t.method == "lora" else "model")
+    if finished and _output_is_current(adapter_dir, ckpt):
+        dist.close()
+        train_loss, val_loss = _last_losses(metrics_path)
+        return TrainResult(out, adapter_dir, state["step"], train_loss, val_loss, state["tokens"],
+                           state["input_tokens"], 0.0, trainable_params, total_params,
+                           bool(state.get("stopped_early")), t.method, dist.rank,
+                           already_finished=True)
 
     # What the loop calls: forward and loss as one module, wrapped in DDP or FSDP under torchrun.
     forward = dist.wrap(LossModule(model, lambda m, examples: micro_batch_loss(
@@ -251,13 +309,14 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
         input_tokens = state["input_tokens"]
         best_val = state.get("best_val_loss") or math.inf
         evals_without_gain = state.get("evals_without_gain", 0)
-        if dist.is_main:
-            _keep_metrics_up_to(metrics_path, step)
+        if dist.is_main and _keep_metrics_up_to(metrics_path, step):
+            notices.append(f"{metrics_path}: dropped a torn last line (the run was killed while "
+                           "writing it)")
     elif dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
+        make_folder(out, "train.output_dir")
+        write_text(metrics_path, "")
     if dist.is_main:  # rank 0 alone writes files
-        (out / "config.yaml").write_text(config_yaml)
+        write_text(out / "config.yaml", config_yaml)
 
     def write_weights(path):
         if t.method == "lora":  # PiSSA stays in its raw form: resuming recomputes the residual
@@ -275,6 +334,7 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
                                  "input_tokens": input_tokens,
                                  "best_val_loss": None if math.isinf(best_val) else best_val,
                                  "evals_without_gain": evals_without_gain,
+                                 "stopped_early": stopped_early,
                                  "distributed": dist.strategy, "world_size": dist.world_size},
                                 config_yaml, t.keep_checkpoints,
                                 weights_dir="adapter" if t.method == "lora" else TRAINABLE_DIR)
@@ -289,6 +349,13 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
                  f"{dist.world_size}: the global batch and the update are the same; dropout draws differ")
     for w in data.warnings:
         bar.warn(w)
+    for n in notices:
+        bar.note(n)
+    if finished:
+        bar.note(f"the run had finished at step {step}; writing its missing {adapter_dir.name} "
+                 "from the last checkpoint" + (" (its last weights: early stopping held the best "
+                                               "ones in memory only)" if state.get("stopped_early")
+                                               else ""))
     if t.padding_free and not_packable:
         bar.note(f"padded micro-batches: padding-free training needs a supported model ({not_packable})")
 
@@ -298,7 +365,7 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
     stopped_early = False
     with bar, (packed_attention_mode(model) if packed_inner else contextlib.nullcontext()), \
             (lean_modules(model, note=bar.note) if t.lean_activations else contextlib.nullcontext()):
-        while step < total_steps:
+        while step < total_steps and not finished:
             if dist.world_size > 1:
                 torch.manual_seed(step_seed(t.seed, step, dist.rank))
             # Forward and backward over this step's micro-batches, weighting every token alike:
@@ -379,7 +446,9 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
                 if n in best_weights:
                     p.copy_(best_weights[n])
         val_loss = best_val
-    adapter_dir = out / ("adapter" if t.method == "lora" else "model")
+    if finished:
+        train_loss, val_loss = _last_losses(metrics_path)
+        stopped_early = bool(state.get("stopped_early"))
     if t.method == "lora":
         with dist.full_weights(model):
             if dist.is_main:
