@@ -50,7 +50,7 @@ class ServeConfig:
     target_modules: list[str] | str = "all-linear"  # layers that get adapter slots
     api_key: str | None = None  # Bearer key for every route but /health; env LORAKIT_API_KEY
     dtype: Dtype = "auto"  # auto: bf16 where the device multiplies bf16 natively, else fp32
-    device: str = "cpu"
+    device: str = "auto"  # auto: the first CUDA device when there is one, else the CPU
     pack_weights: bool = True  # bf16 on the CPU: frozen weights prepacked for oneDNN (same results, faster)
     quantize_base: Literal["nf4"] | None = None  # nf4: base linear weights in 4-bit NF4 (QLoRA adapters)
     prefix_cache_mb: int = 256  # keys/values of repeated prompt prefixes, per adapter; 0 = off
