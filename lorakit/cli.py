@@ -42,12 +42,15 @@ def _load(model_spec: str, adapter: str | None = None, dtype: str = "auto", devi
 
 
 def cmd_info(args) -> int:
-    """Parameter counts of a base model, and of a LoRA on it when --r is given."""
+    """Parameter counts of a base model, its family and the features that family supports, and
+    a LoRA on it when --r is given."""
     from lorakit.lora import LoraConfig, count_parameters, inject
+    from lorakit.models.families import support_summary
 
     model, _, _ = _load(args.model, dtype="bf16")
     total, _ = count_parameters(model)
-    report = {"model": args.model, "total_params": total, "trainable_params": 0, "adapted_modules": []}
+    report = {"model": args.model, "total_params": total, "trainable_params": 0, "adapted_modules": [],
+              **support_summary(model)}
     if args.r:
         targets = args.target_modules
         targets = targets if targets in ("all-linear",) or not targets else targets.split(",")
@@ -64,6 +67,11 @@ def cmd_info(args) -> int:
         return 0
     console = _console()
     console.print(f"[bold]{args.model}[/]: {report['total_params']:,} parameters")
+    console.print(f"family: {report['family'] or 'not in the family table'} "
+                  f"(model_type {report['model_type']!r}), chat template: {report['chat_template']}",
+                  highlight=False, markup=False)
+    for feature, verdict in report["features"].items():
+        console.print(f"  {feature}: {verdict}", highlight=False, markup=False)
     if args.r:
         console.print(f"LoRA r={args.r} on {len(report['adapted_modules'])} modules "
                       f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in report['adapted_modules']}))}): "

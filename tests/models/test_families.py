@@ -259,3 +259,27 @@ def test_calc_counts_equal_numel(model_type):
     model = tiny_family(model_type)
     shape = shape_from_config(model.config.to_dict(), source=model_type)
     assert param_table(shape) == {n: p.numel() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2"])
+def test_info_prints_family_and_features(model_type, tmp_path, capsys):
+    """`lorakit info --model DIR`: the family, its chat template, and per feature yes or why not."""
+    from lorakit.cli import main
+
+    model = tiny_family(model_type)
+    model.save_pretrained(str(tmp_path / "m"))
+    tiny.tiny_tokenizer().save_pretrained(str(tmp_path / "m"))
+    assert main(["info", "--model", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    fam = FAMILIES[model_type]
+    assert f"family: {fam.label} (model_type {model_type!r}), chat template: {fam.chat_format}" in out
+    assert "  lora: yes" in out
+    packing = "  packing: yes" if fam.packing is None else f"  packing: model_type {model_type!r}"
+    assert packing in out
+    gguf = "  gguf: yes" if fam.gguf_arch else f"  gguf: model_type {model_type!r} ({fam.label}): "
+    assert gguf in out
+    assert main(["info", "--model", str(tmp_path / "m"), "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"] == fam.label and report["features"]["calc"] == "yes"
