@@ -22,7 +22,7 @@ def _train(cfg, resume=False):
     """Train the tiny model; returns (result, what the run printed)."""
     out = io.StringIO()
     result = train(cfg, resume=resume, model=tiny.tiny_llama(), tokenizer=tiny.tiny_tokenizer(),
-                   console=Console(file=out, width=80))
+                   console=Console(file=out, width=300))  # long tmp paths stay on one line
     return result, out.getvalue()
 
 
