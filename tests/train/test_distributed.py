@@ -188,8 +188,11 @@ def test_ddp_run_killed_after_a_checkpoint_resumes_to_the_same_adapter(ddp_runs,
 
 
 def test_fsdp_full_fine_tune_on_two_ranks_equals_one_process(base_dir, tmp_path):
-    # batch 3: rank 0 takes two examples of each micro-batch, rank 1 one.
-    kw = dict(method="full", distributed="fsdp", batch_size=3, lr=1e-3, max_steps=3)
+    # batch 3: rank 0 takes two examples of each micro-batch, rank 1 one. Blocks are recomputed
+    # in the backward pass on both sides (the usual FSDP recipe for big models), so the test also
+    # covers FSDP's all-gather inside the recomputation.
+    kw = dict(method="full", distributed="fsdp", batch_size=3, lr=1e-3, max_steps=3,
+              gradient_checkpointing=True)
     train(load_config(write_config(tmp_path / "one", base_dir, **kw)), progress=False)
     proc = torchrun(write_config(tmp_path / "two", base_dir, **kw))
     assert proc.returncode == 0, proc.stdout + proc.stderr
