@@ -3,7 +3,9 @@
 Every row becomes an `Example`: a conversation whose last message is the assistant's answer.
 The shapes are the ones the field uses: Alpaca (Taori et al. 2023: `instruction`, optional
 `input`, `output`, optional `system`), chat (OpenAI/ChatML `messages` of `{role, content}`,
-multi-turn), and `prompt`/`completion`. Every bad row is collected and reported at once with its
+multi-turn), ShareGPT (`conversations` of `{from, value}` with `human`/`gpt` turns and an optional
+top-level `system`, as Axolotl's `sharegpt` and LLaMA-Factory's `formatting: sharegpt` read it), and
+`prompt`/`completion`. Every bad row is collected and reported at once with its
 file and line; extra keys such as ids are allowed (datasets carry them) and ignored.
 
 Files are UTF-8 text (RFC 8259 requires it of JSON exchanged between systems); a byte-order mark
@@ -25,7 +27,10 @@ from pathlib import Path
 from lorakit.errors import DataError
 
 ROLES = ("system", "user", "assistant")
-SHAPES = "Alpaca (instruction, output), chat (messages) or prompt/completion"
+SHAPES = "Alpaca (instruction, output), chat (messages), ShareGPT (conversations) or prompt/completion"
+# ShareGPT's `from` values (FastChat's dump, LLaMA-Factory's default tags) and the role each is.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
 MAX_SHOWN = 10  # bad rows listed in full; the rest are counted
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
@@ -46,6 +51,8 @@ class Example:
 def _shape(row: dict) -> str | None:
     if "messages" in row:
         return "chat"
+    if "conversations" in row:
+        return "sharegpt"
     if "instruction" in row or "output" in row:
         return "alpaca"
     if "prompt" in row or "completion" in row:
@@ -77,6 +84,31 @@ def _text(row: dict, key: str, problems: list[str], required: bool = True) -> st
     return value
 
 
+def _sharegpt_messages(row: dict) -> tuple[list[dict] | None, list[str]]:
+    """A ShareGPT row's turns as chat messages (top-level `system` first), or the problems."""
+    raw = row["conversations"]
+    if not isinstance(raw, list) or not raw:
+        return None, ["field 'conversations' must be a non-empty list of {from, value}"]
+    problems: list[str] = []
+    system = _text(row, "system", problems, required=False)
+    messages = [{"role": "system", "content": system}] if system and system.strip() else []
+    for i, turn in enumerate(raw):
+        if not isinstance(turn, dict):
+            problems.append(f"conversations[{i}] is {type(turn).__name__} (expected an object "
+                            "with from, value)")
+            continue
+        who = turn.get("from")
+        role = SHAREGPT_ROLES.get(who) if isinstance(who, str) else None
+        if role is None:
+            problems.append(f"conversations[{i}].from {_short(who)} (expected one of "
+                            f"{', '.join(SHAREGPT_ROLES)})")
+        problem = _string_problem(f"conversations[{i}].value", turn.get("value"))
+        if problem:
+            problems.append(problem)
+        messages.append({"role": role, "content": turn.get("value")})
+    return (None, problems) if problems else (messages, [])
+
+
 def row_to_messages(row, system_prompt: str | None = None) -> tuple[list[dict] | None, list[str]]:
     """(messages, problems) for one parsed row; messages is None when the row is bad."""
     if not isinstance(row, dict):
@@ -86,6 +118,11 @@ def row_to_messages(row, system_prompt: str | None = None) -> tuple[list[dict] |
     messages: list[dict] = []
     if shape is None:
         return None, [f"no known fields (expected {SHAPES} fields)"]
+    if shape == "sharegpt":  # checked as the chat messages it stands for
+        converted, problems = _sharegpt_messages(row)
+        if converted is None:
+            return None, problems
+        row, shape = {"messages": converted}, "chat"
     if shape == "chat":
         raw = row["messages"]
         if not isinstance(raw, list) or not raw:

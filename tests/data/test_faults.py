@@ -106,7 +106,8 @@ def test_unknown_shape_everywhere_is_one_error(tmp_path):
     with pytest.raises(DataError) as e:
         load_examples(p)
     assert str(e.value) == (f"{p}: none of its 500 rows has a known shape (expected Alpaca "
-                            "(instruction, output), chat (messages) or prompt/completion fields; "
+                            "(instruction, output), chat (messages), ShareGPT (conversations) or "
+                            "prompt/completion fields; "
                             "the first row's keys: text, label)")
 
 
