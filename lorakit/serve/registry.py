@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.adapters.check import WEIGHTS_NAME, AdapterFiles, read_adapter
+from lorakit.atomic import write_failure
 from lorakit.errors import AdapterError, RegistryError
 from lorakit.paths import lorakit_home
 
@@ -159,7 +160,8 @@ class AdapterRegistry:
         try:
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise RegistryError(f"{self.db_path}: cannot create its folder ({e.strerror or e}); "
+            raise RegistryError(f"{self.db_path}: cannot create its folder "
+                                f"({write_failure(e) or e.strerror or e}); "
                                 "set LORAKIT_HOME to a writable folder") from None
         if self.db_path.exists() and not self.db_path.is_file():
             raise RegistryError(f"{self.db_path}: not a file (the adapter registry is an SQLite "
@@ -193,6 +195,8 @@ class AdapterRegistry:
             text = str(e)
             if "locked" in text or "busy" in text:
                 fix = "another process holds it; retry when it is done"
+            elif "disk is full" in text:
+                fix = "free space on that disk, or set LORAKIT_HOME elsewhere"
             elif "readonly" in text or "unable to open" in text:
                 fix = "make the file and its folder writable, or set LORAKIT_HOME elsewhere"
             else:
