@@ -144,6 +144,7 @@ def run_peft(peft_model, tokenizer, jobs, concurrency: int, max_tokens: int) -> 
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         t0 = time.monotonic()
+        ids, mask = ids.to(peft_model.device), mask.to(peft_model.device)
         out = peft_model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                   max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                                   adapter_names=[a for _, a in chunk],
@@ -160,6 +161,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=128, help="requests per run at concurrency 32")
     ap.add_argument("--requests-c1", type=int, default=16, help="requests per run at concurrency 1")
     ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (benchmarks/gpu_check.sh: cuda)")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--prefix-cache-mb", type=int, default=256,
@@ -186,10 +188,11 @@ def main() -> int:
         return PrefixCache(args.prefix_cache_mb * 2**20) if args.prefix_cache_mb else None
 
     torch.manual_seed(0)
-    from lorakit.device import resolve_dtype
+    from lorakit.device import resolve_device, resolve_dtype
 
-    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
-    base, tokenizer = load_base(MODEL, dtype=dtype, device="cpu")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    base, tokenizer = load_base(MODEL, dtype=dtype, device=device)
     tmp = Path(tempfile.mkdtemp(prefix="lorakit-serve-bench-"))
     dirs = build_adapters(base, tmp, args.adapters, args.r)
     names = [d.name for d in dirs]
@@ -229,7 +232,8 @@ def main() -> int:
 
         from lorakit.models import contiguous_head_input, resolve_model_dir
 
-        peer_base = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(MODEL)), dtype=dtype)
+        peer_base = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(MODEL)),
+                                                         dtype=dtype).to(device)
         for label, fix in (("peft", False), ("peft+head", True)):
             peft_model = PeftModel.from_pretrained(copy.deepcopy(peer_base), str(dirs[0]),
                                                    adapter_name=names[0])
