@@ -136,25 +136,26 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     """
     out = Path(out)
     make_folder(out.parent)
-    tmp = temp_sibling(out)
+    tmp, old = temp_sibling(out), None
     try:
         tmp.mkdir()
         yield tmp
         fsync_tree(tmp)
-        old = None
         if out.exists() or out.is_symlink():
             old = temp_sibling(out)
             os.replace(out, old)
         os.replace(tmp, out)
         fsync_dir(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():  # moved aside, but the new one never came
+            os.replace(old, out)
         err = storage_error(out, e)
         if err is None:
             raise
         raise err from e
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

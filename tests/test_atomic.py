@@ -172,3 +172,23 @@ def test_writing_names_the_path_of_a_failed_append(tmp_path):
     with pytest.raises(FileNotFoundError):  # not a write failure: left as it is
         with writing(log):
             open(tmp_path / "missing.txt").read()
+
+
+def test_old_dir_is_put_back_when_the_final_rename_fails(tmp_path, monkeypatch):
+    import lorakit.atomic as atomic
+
+    out = tmp_path / "adapter"
+    write_text(out / "a.txt", "old")
+    real_replace, failed = os.replace, []
+
+    def fail_on_the_new_one(src, dst):  # the first rename onto `out`: the new folder's
+        if str(dst) == str(out) and not failed:
+            failed.append(src)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", fail_on_the_new_one)
+    with pytest.raises(StorageError, match="no space left on the device"):
+        with atomic_dir(out) as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert (out / "a.txt").read_text() == "old" and _names(tmp_path) == ["adapter"]
