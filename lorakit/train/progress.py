@@ -61,13 +61,14 @@ class TrainProgress:
 
     def plain_line(self, step: int, loss: float, lr: float, tok_per_s: float,
                    elapsed: float) -> str:
-        """`step 12/120 (10%) loss 2.3456 lr 1.00e-04 1,234 tok/s elapsed 0:01:02 eta 0:09:18`;
-        the ETA extrapolates this session's pace (a resumed run counts from its restart)."""
+        """`step 12/120 (10%) loss 2.3456 lr 1.00e-04 1,234 tok/s 0:01:02 eta 0:09:18` (the bar's
+        columns: elapsed, then the ETA, which extrapolates this session's pace; a resumed run
+        counts from its restart). Under 80 columns up to 99,999 steps."""
         done = step - self.start_step
         eta = elapsed / done * (self.total_steps - step) if done > 0 else 0.0
         return (f"step {step}/{self.total_steps} ({100 * step // max(self.total_steps, 1)}%) "
                 f"loss {loss:.4f} lr {lr:.2e} {tok_per_s:,.0f} tok/s "
-                f"elapsed {_clock(elapsed)} eta {_clock(eta)}")
+                f"{_clock(elapsed)} eta {_clock(eta)}")
 
     def note(self, text: str) -> None:
         if self.enabled:

@@ -12,7 +12,7 @@ from tests import tiny
 from tests.train.test_loop import config
 
 LINE = re.compile(r"^step (\d+)/(\d+) \((\d+)%\) loss \d+\.\d{4} lr \d\.\d\de-\d\d [\d,]+ tok/s "
-                  r"elapsed \d+:\d\d:\d\d eta \d+:\d\d:\d\d$")
+                  r"\d+:\d\d:\d\d eta \d+:\d\d:\d\d$")
 
 
 def _steps(text: str) -> list[int]:
@@ -52,9 +52,17 @@ def test_plain_lines_at_least_every_30_seconds(monkeypatch):
     lines = [line for line in out.getvalue().splitlines() if LINE.match(line)]
     assert lines == [
         # 40 s for 2 steps since the resume at step 100: 898 steps to go take 4:59:20.
-        "step 102/1000 (10%) loss 2.5000 lr 3.00e-04 1,234 tok/s elapsed 0:00:40 eta 4:59:20",
-        "step 104/1000 (10%) loss 2.5000 lr 3.00e-04 1,234 tok/s elapsed 0:01:20 eta 4:58:40",
+        "step 102/1000 (10%) loss 2.5000 lr 3.00e-04 1,234 tok/s 0:00:40 eta 4:59:20",
+        "step 104/1000 (10%) loss 2.5000 lr 3.00e-04 1,234 tok/s 0:01:20 eta 4:58:40",
     ]
+
+
+def test_a_plain_line_of_a_long_run_fits_80_columns():
+    bar = TrainProgress(99_999, console=Console(file=io.StringIO(), width=80))
+    line = bar.plain_line(12_345, loss=2.3456, lr=1.5e-4, tok_per_s=12_345.0, elapsed=9 * 3600.0)
+    # 9 h for 12,345 steps: the 87,654 left take 63:54:11 at that pace.
+    assert line == "step 12345/99999 (12%) loss 2.3456 lr 1.50e-04 12,345 tok/s 9:00:00 eta 63:54:11"
+    assert len(line) == 80
 
 
 def test_disabled_progress_prints_nothing():
