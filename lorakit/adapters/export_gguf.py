@@ -3,15 +3,17 @@
 Two formats, following llama.cpp's own converters:
 
 - `gguf`: base + adapter merged (`merge_and_unload`, fp32 math) and written as a model file the way
-  `convert_hf_to_gguf.py` writes a Llama (`lorakit/adapters/gguf_writer.py`).
+  `convert_hf_to_gguf.py` writes it (`lorakit/adapters/gguf_writer.py`).
 - `gguf-lora`: the adapter alone, the way `convert_lora_to_gguf.py` writes it
   (`lorakit/adapters/gguf_lora.py`), for `llama-cli --lora` / `llama-server --lora`.
 
 This file holds what both share: the supported architectures, HF -> GGUF tensor names
 (`gguf.get_tensor_name_map`), llama.cpp's q/k row permutation, the atomic file write, and the CLI
-subcommand. Only the Llama family (`LlamaForCausalLM`, e.g. SmolLM2) is supported: it is the one
-architecture whose tensors, hyperparameters and permutation we check end to end against
-transformers' GGUF loader (`transformers/modeling_gguf_pytorch_utils.py`).
+subcommand. The families are those `lorakit.models.families` gives a llama.cpp architecture:
+Llama (e.g. SmolLM2) and Mistral as `llama` (q/k rows permuted), Qwen2 as `qwen2` (q/k/v
+biases) and Qwen3 as `qwen3` (q/k norms), in rotate-half order as their converters leave them;
+each is checked end to end against transformers' GGUF loader
+(`transformers/modeling_gguf_pytorch_utils.py`). Other families are refused with the table's reason.
 """
 
 from __future__ import annotations
@@ -61,8 +63,6 @@ def check_architecture(model, source: str) -> None:
                           f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     cfg = model.config
     problems = []
-    if getattr(cfg, "sliding_window", None) is not None:
-        problems.append(f"sliding_window={cfg.sliding_window} (llama.cpp's llama graph has no window)")
     # llama.cpp's llama graph is SiLU-gated, bias-free, with plain or no rope scaling.
     if getattr(cfg, "hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={cfg.hidden_act!r} (expected 'silu')")
@@ -80,18 +80,26 @@ def check_architecture(model, source: str) -> None:
 def tensor_name_map(config):
     import gguf
 
-    from lorakit.models.families import family_of
+    return gguf.get_tensor_name_map(gguf_arch(config), config.num_hidden_layers)
 
-    fam = family_of(config)
-    arch = fam.gguf_arch if fam is not None and fam.gguf_arch else "LLAMA"
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], config.num_hidden_layers)
+
+def gguf_arch(config):
+    """llama.cpp's architecture for this config (`gguf.MODEL_ARCH`), from the family table."""
+    import gguf
+
+    from lorakit.models.families import require
+
+    fam = require(config, "GGUF export")
+    if fam.gguf_arch is None:
+        raise ExportError(f"model_type {fam.model_type!r} ({fam.label}): {fam.gguf_refusal}")
+    return gguf.MODEL_ARCH[fam.gguf_arch]
 
 
 def gguf_tensor_name(name_map, hf_name: str) -> str:
     """`blk.0.attn_q.weight` for `model.layers.0.self_attn.q_proj.weight`, as llama.cpp names it."""
     name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
-        raise ExportError(f"{hf_name}: no GGUF name for this tensor in llama.cpp's Llama tensor map")
+        raise ExportError(f"{hf_name}: no GGUF name for this tensor in llama.cpp's tensor map")
     return name
 
 
@@ -107,7 +115,13 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def to_gguf_layout(hf_name: str, w: torch.Tensor, config) -> torch.Tensor:
-    """The tensor as llama.cpp stores it: q rows permuted per query head, k per key/value head."""
+    """The tensor as llama.cpp stores it: for the llama graph, q rows permuted per query head, k
+    per key/value head; as it is for graphs that take rotate-half order (qwen2, qwen3)."""
+    from lorakit.models.families import family_of
+
+    fam = family_of(config)
+    if fam is None or not fam.gguf_permute_qk:
+        return w
     if hf_name.endswith("self_attn.q_proj.weight"):
         return permute_qk(w, config.num_attention_heads)
     if hf_name.endswith("self_attn.k_proj.weight"):

@@ -24,6 +24,7 @@ import torch
 
 from lorakit.adapters.export_gguf import (
     ExportError,
+    gguf_arch,
     gguf_tensor_name,
     progress_bar,
     tensor_name_map,
@@ -47,7 +48,7 @@ def fold_factor(cfg, module: str, r: int, alpha: float) -> float:
 
 
 def lora_gguf_tensors(files, config) -> tuple[float, list[tuple[str, torch.Tensor]]]:
-    """(alpha to write, [(GGUF name, fp32 tensor in torch layout)]) for an adapter on a Llama base."""
+    """(alpha to write, [(GGUF name, fp32 tensor in torch layout)]) for an adapter on an exported family's base."""
     check_lora_exportable(files)
     cfg = files.config
     alpha = float(cfg.lora_alpha)
@@ -73,11 +74,11 @@ def lora_gguf_tensors(files, config) -> tuple[float, list[tuple[str, torch.Tenso
 
 
 def write_lora_gguf(files, config, path: Path, outtype: str, name: str, progress: bool = False) -> int:
-    """Write the adapter `files` (an `AdapterFiles`) for a Llama base to `path`; return the tensor count."""
+    """Write the adapter `files` (an `AdapterFiles`) for its base to `path`; return the tensor count."""
     import gguf
 
     alpha, tensors = lora_gguf_tensors(files, config)
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf_arch(config)])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)

@@ -1,9 +1,10 @@
-"""A merged Llama model and its tokenizer as one GGUF model file, as llama.cpp's converter writes it.
+"""A merged model and its tokenizer as one GGUF model file, as llama.cpp's converter writes it.
 
-Follows `convert_hf_to_gguf.py` (`TextModel` / `LlamaModel`, `_set_vocab_gpt2`,
-`prepare_tensors`): hyperparameters under `llama.*`, a GPT-2-style byte-level BPE vocabulary under
-`tokenizer.ggml.*` with the chat template, tensors renamed by `gguf.get_tensor_name_map` with q/k
-rows permuted (`export_gguf.to_gguf_layout`), norms and other 1-D tensors kept in F32, q8_0 only
+Follows `convert_hf_to_gguf.py` (`TextModel` / `LlamaModel` / `Qwen2Model` / `Qwen3Model`,
+`_set_vocab_gpt2`, `prepare_tensors`): hyperparameters under `<arch>.*` (the family table's
+llama.cpp architecture), a GPT-2-style byte-level BPE vocabulary under `tokenizer.ggml.*` with
+the chat template, tensors renamed by `gguf.get_tensor_name_map` with q/k rows permuted for the
+llama graph (`export_gguf.to_gguf_layout`), norms and other 1-D tensors kept in F32, q8_0 only
 for 2-D weights whose rows split into 32-element blocks (the rest fall back to F16, as the
 converter does), and no `output.weight` when the embeddings are tied. transformers' GGUF loader
 (`AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`) reads the result back; the tests
@@ -20,6 +21,7 @@ import torch
 
 from lorakit.adapters.export_gguf import (
     ExportError,
+    gguf_arch,
     gguf_tensor_name,
     progress_bar,
     tensor_name_map,
@@ -29,6 +31,8 @@ from lorakit.adapters.export_gguf import (
 # llama.cpp's Llama 3 split regex (its `llama-bpe` pre-tokenizer), as Llama 3's tokenizer.json has it.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's (and Qwen3's): Llama 3's with single digits; llama.cpp's `qwen2` pre-tokenizer.
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 def file_type(outtype: str):
@@ -55,7 +59,7 @@ def encode_tensor(gguf_name: str, data: np.ndarray, outtype: str):
 
 
 def write_hparams(writer, config) -> None:
-    """`llama.*` keys from the HF config (`TextModel.set_gguf_parameters` + `LlamaModel`'s)."""
+    """`<arch>.*` keys from the HF config (`TextModel.set_gguf_parameters` + `LlamaModel`'s)."""
     n_head = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     rope = getattr(config, "rope_parameters", None) or {}
@@ -102,10 +106,13 @@ def infer_tokenizer_pre(tok: dict) -> str:
     if kinds == ["Split", "ByteLevel"] and byte_level(steps[1], False) \
             and (steps[0].get("pattern") or {}).get("Regex") == _LLAMA3_SPLIT:
         return "llama-bpe"
+    if kinds == ["Split", "ByteLevel"] and byte_level(steps[1], False) \
+            and (steps[0].get("pattern") or {}).get("Regex") == _QWEN2_SPLIT:
+        return "qwen2"
     raise ExportError(
         f"tokenizer: pre-tokenizer {kinds or 'none'} has no known llama.cpp name (recognised: a "
         "plain ByteLevel -> gpt-2, Digits + ByteLevel -> smollm, Llama 3's Split + ByteLevel -> "
-        "llama-bpe); pass the name llama.cpp uses with --tokenizer-pre")
+        "llama-bpe, Qwen2's -> qwen2); pass the name llama.cpp uses with --tokenizer-pre")
 
 
 def write_tokenizer(writer, tokenizer, vocab_size: int, tokenizer_pre: str | None) -> None:
@@ -170,11 +177,11 @@ def write_tokenizer(writer, tokenizer, vocab_size: int, tokenizer_pre: str | Non
 
 def write_model_gguf(model, tokenizer, path: Path, outtype: str, name: str,
                      tokenizer_pre: str | None = None, progress: bool = False) -> int:
-    """Write a (merged) LlamaForCausalLM and its tokenizer to `path`; return the tensor count."""
+    """Write a (merged) model of an exported family and its tokenizer to `path`; return the tensor count."""
     import gguf
 
     config = model.config
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf_arch(config)])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     write_hparams(writer, config)

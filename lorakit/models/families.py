@@ -99,6 +99,9 @@ class Family:
     lean_gated_mlp: str | None = None  # SiLU-gated MLP class lean_ops restates
     gguf_arch: str | None = None  # gguf.MODEL_ARCH member the exporter writes
     gguf_refusal: str | None = None  # why not, when gguf_arch is None
+    # llama.cpp's llama graph wants q/k rows in interleaved rope order (`LlamaModel.permute`);
+    # its qwen2/qwen3 graphs take transformers' rotate-half order as it is.
+    gguf_permute_qk: bool = False
     notes: str = ""
 
     @property
@@ -118,19 +121,18 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llama", "Llama", "LlamaForCausalLM", _ATTENTION, _MLP, _LLAMA_BLOCK, _LLAMA_NORMS,
            end_of_turn="<|eot_id|>", chat_format="Llama 3 headers",
            mlp_bias="config", lean_rms_norm="LlamaRMSNorm", lean_gated_mlp="LlamaMLP",
-           gguf_arch="LLAMA"),
+           gguf_arch="LLAMA", gguf_permute_qk=True),
     Family("qwen2", "Qwen2 / Qwen2.5", "Qwen2ForCausalLM", _ATTENTION, _MLP, _LLAMA_BLOCK,
            _LLAMA_NORMS, end_of_turn="<|im_end|>", chat_format="ChatML", attention_bias="qkv",
-           lean_rms_norm="Qwen2RMSNorm", lean_gated_mlp="Qwen2MLP",
-           gguf_refusal="llama.cpp's qwen2 graph (q/k/v biases, no q/k permutation) is not written yet",
+           lean_rms_norm="Qwen2RMSNorm", lean_gated_mlp="Qwen2MLP", gguf_arch="QWEN2",
            notes="q/k/v have biases, o_proj none"),
     Family("qwen3", "Qwen3", "Qwen3ForCausalLM", _ATTENTION, _MLP, _LLAMA_BLOCK, _LLAMA_NORMS,
            end_of_turn="<|im_end|>", chat_format="ChatML", qk_norm=True,
-           lean_rms_norm="Qwen3RMSNorm", lean_gated_mlp="Qwen3MLP",
-           gguf_refusal="llama.cpp's qwen3 graph (q/k norms) is not written yet"),
+           lean_rms_norm="Qwen3RMSNorm", lean_gated_mlp="Qwen3MLP", gguf_arch="QWEN3"),
     Family("mistral", "Mistral", "MistralForCausalLM", _ATTENTION, _MLP, _LLAMA_BLOCK, _LLAMA_NORMS,
            end_of_turn="</s>", chat_format="[INST] ... [/INST]", attention_bias="never",
            lean_rms_norm="MistralRMSNorm", lean_gated_mlp="MistralMLP", gguf_arch="LLAMA",
+           gguf_permute_qk=True,
            notes="packs only with sliding_window null (Mistral 7B v0.2+); llama.cpp runs it as llama"),
     Family("gemma2", "Gemma 2", "Gemma2ForCausalLM", _ATTENTION, _MLP, _LLAMA_BLOCK, _GEMMA_NORMS,
            end_of_turn="<end_of_turn>", chat_format="Gemma turns", tie_default=True,
@@ -202,6 +204,17 @@ def _config_attr(model_or_config, name: str):
     return getattr(cfg, name, None)
 
 
+def sliding_window(model_or_config) -> int | None:
+    """The attention window the config switches on, or None: Mistral and Phi-3 use
+    `sliding_window` when it is set, Qwen2/Qwen3 only with `use_sliding_window`; Gemma's
+    sliding layers are in its row (`packing`, `gguf_refusal`)."""
+    fam = family_of(model_or_config)
+    window = _config_attr(model_or_config, "sliding_window")
+    if fam is not None and fam.model_type.startswith("qwen"):
+        return window if _config_attr(model_or_config, "use_sliding_window") else None
+    return window
+
+
 def refusal(model_or_config, feature: str) -> str | None:
     """None when the model can use `feature`, else the reason it cannot (one line).
 
@@ -220,10 +233,8 @@ def refusal(model_or_config, feature: str) -> str | None:
     if feature == "packing":
         if fam.packing:
             return f"{who}: {fam.packing}"
-        window = _config_attr(model_or_config, "sliding_window")
-        uses_window = (_config_attr(model_or_config, "use_sliding_window")
-                       if fam.model_type.startswith("qwen") else window is not None)
-        if uses_window:
+        window = sliding_window(model_or_config)
+        if window is not None:
             return (f"{who}: the config sets sliding_window={window} (the packed attention "
                     "has no window)")
         return None
@@ -232,7 +243,13 @@ def refusal(model_or_config, feature: str) -> str | None:
             return f"{who}: no RMSNorm or SiLU-gated MLP that lean_ops restates"
         return None
     if feature == "gguf":
-        return None if fam.gguf_arch else f"{who}: {fam.gguf_refusal}"
+        if fam.gguf_arch is None:
+            return f"{who}: {fam.gguf_refusal}"
+        window = sliding_window(model_or_config)
+        if window is not None:
+            return (f"{who}: the config sets sliding_window={window} (llama.cpp's "
+                    f"{fam.gguf_arch.lower()} graph has no window)")
+        return None
     if feature == "chat_template":
         return None if fam.end_of_turn else f"{who}: chat template {fam.chat_format}"
     return None  # calc: every row describes its tensors

@@ -52,7 +52,7 @@ def _built(model_type: str):
         return model
     config_class, model_class, extra = {
         "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
-        "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(head_dim=16)),
+        "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(head_dim=128)),
         "mistral": (T.MistralConfig, T.MistralForCausalLM, dict(sliding_window=None)),
         "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM,
                    dict(_GEMMA, attn_logit_softcapping=50.0, final_logit_softcapping=5.0)),
