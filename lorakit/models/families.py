@@ -69,6 +69,8 @@ _GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 _SLIDING = "sliding-window attention layers (the packed attention has no window)"
+_GEMMA_GGUF = ("not written yet: llama.cpp's gemma graphs store norms as 1 + w and Gemma's "
+               "vocabulary is SentencePiece, which lorakit's GGUF writer does not write")
 
 
 @dataclass(frozen=True)
@@ -138,13 +140,13 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            end_of_turn="<end_of_turn>", chat_format="Gemma turns", tie_default=True,
            default_head_dim=256,
            packing="attention logit soft-capping and " + _SLIDING,
-           gguf_refusal="llama.cpp's gemma2 graph (soft-capping, sandwich norms) is not written yet",
+           gguf_refusal=_GEMMA_GGUF,
            notes="embeddings scaled by sqrt(hidden), tied head, final logit soft-capping, "
                  "(1 + w) RMSNorm, GELU-tanh MLP"),
     Family("gemma3_text", "Gemma 3 (text)", "Gemma3ForCausalLM", _ATTENTION, _MLP, _LLAMA_BLOCK,
            _GEMMA_NORMS, end_of_turn="<end_of_turn>", chat_format="Gemma turns", qk_norm=True,
            tie_default=True, default_head_dim=256, packing=_SLIDING,
-           gguf_refusal="llama.cpp's gemma3 graph is not written yet",
+           gguf_refusal=_GEMMA_GGUF,
            notes="embeddings scaled by sqrt(hidden), tied head, (1 + w) RMSNorm, q/k norms, "
                  "local/global rope, GELU-tanh MLP"),
     Family("phi3", "Phi-3 / Phi-4", "Phi3ForCausalLM", ("qkv_proj", "o_proj"),

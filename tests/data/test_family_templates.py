@@ -1,8 +1,8 @@
 """Each family's own chat template decides rendering, loss masking and the serving prompt.
 
 The templates below are the Jinja text of the families' `tokenizer_config.json` (Meta-Llama-3-8B-
-Instruct, gemma-2-2b-it, Qwen2.5-Instruct without its tool branch, Mistral-7B-Instruct-v0.2,
-Phi-3-mini-4k-instruct), written into the tiny tokenizer with each family's special tokens. For a
+Instruct, gemma-2-2b-it, gemma-3-1b-it, Qwen2.5-Instruct and Qwen3 without their tool branches,
+Mistral-7B-Instruct-v0.2, Phi-3-mini-4k-instruct), written into the tiny tokenizer with each family's special tokens. For a
 two-turn conversation exactly the assistant tokens and the family's end-of-turn token are
 supervised, asserted token by token against the template's pieces tokenized one by one.
 """
@@ -43,6 +43,37 @@ QWEN = (
     "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}"
     "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+# Qwen3: no default system turn; reasoning before </think> is dropped from assistant turns.
+QWEN3 = (
+    "{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}"
+    "{%- elif message.role == 'assistant' %}{%- set content = message.content %}"
+    "{%- if '</think>' in content %}{%- set content = content.split('</think>')[-1].lstrip('\n') %}"
+    "{%- endif %}{{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}"
+)
+# Gemma 3: Gemma 2's turns; a system message is folded into the first user turn.
+GEMMA3 = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = 'model' -%}"
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 MISTRAL = (
     "{{ bos_token }}{% for message in messages %}"
@@ -104,6 +135,14 @@ CASES = {
               ("<|end|>", 0), ("\n", 0), ("<|assistant|>", 0), ("\n", 0), (A2, 1), ("<|end|>", 1),
               ("\n", 0), ("<|endoftext|>", 0)]),
 }
+
+# Qwen3: ChatML without Qwen2.5's default system turn; Gemma 3: Gemma 2's pieces.
+CASES["qwen3"] = (QWEN3, None, "<|im_end|>", [], CASES["qwen2"][4][4:])
+CASES["gemma3_text"] = (GEMMA3, *CASES["gemma2"][1:])
+
+
+def test_every_family_with_a_chat_template_is_covered():
+    assert set(CASES) == {t for t, f in FAMILIES.items() if f.end_of_turn}
 
 
 def family_tokenizer(model_type: str):

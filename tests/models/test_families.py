@@ -283,3 +283,33 @@ def test_info_prints_family_and_features(model_type, tmp_path, capsys):
 
     report = json.loads(capsys.readouterr().out)
     assert report["family"] == fam.label and report["features"]["calc"] == "yes"
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_lean_ops_take_exactly_the_table_classes_with_the_same_loss_and_gradients(model_type):
+    from lorakit.train.lean_ops import lean_modules, lean_targets
+
+    model = tiny_family(model_type)
+    fam = FAMILIES[model_type]
+    found, skipped = lean_targets(model)
+    assert skipped == []  # each class the table names passes the per-class forward check
+    assert {type(m).__name__ for m, _ in found} == {c for c in (fam.lean_rms_norm, fam.lean_gated_mlp) if c}
+    assert (refusal(model, "lean_ops") is None) == bool(found)
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_b(model, scale=0.1)
+    batch = pad_batch(examples(), pad_id=0)
+
+    def loss_and_grads():
+        model.zero_grad()
+        total, _ = causal_lm_loss_sum(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        total.backward()
+        return float(total.detach()), {k: p.grad.clone() for k, p in model.named_parameters()
+                                       if p.grad is not None}
+
+    plain = loss_and_grads()
+    with lean_modules(model) as n:
+        lean = loss_and_grads()
+    assert n == len(found)
+    assert lean[0] == pytest.approx(plain[0], rel=1e-6)
+    for k in plain[1]:
+        torch.testing.assert_close(lean[1][k], plain[1][k], atol=1e-5, rtol=1e-4, msg=k)
