@@ -163,7 +163,6 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            ("ln_1", "ln_2"), end_of_turn=None, chat_format="none (Alpaca-style text)",
            block_path="transformer.h", embedding="transformer.wte", final_norm="transformer.ln_f",
            fused=("c_attn",), conv1d=True, tie_default=True, attention_bias="always",
-           packing="its attention is not written for transformers' attention functions",
            gguf_refusal="llama.cpp's gpt2 graph (Conv1D, learned positions) is not written yet",
            notes="Conv1D linears (weight stored transposed); c_proj names both the attention "
                  "output and the MLP output"),
@@ -239,6 +238,10 @@ def refusal(model_or_config, feature: str) -> str | None:
         if window is not None:
             return (f"{who}: the config sets sliding_window={window} (the packed attention "
                     "has no window)")
+        for key in ("attention_dropout", "attn_pdrop"):  # GPT-2 defaults attn_pdrop to 0.1
+            p = _config_attr(model_or_config, key)
+            if isinstance(p, (int, float)) and p > 0:
+                return f"{who}: the config sets {key}={p} (the packed attention has no dropout)"
         return None
     if feature == "lean_ops":
         if fam.lean_rms_norm is None and fam.lean_gated_mlp is None:

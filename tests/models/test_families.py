@@ -46,10 +46,11 @@ def _built(model_type: str):
 
     if model_type == "llama":
         return tiny.tiny_llama()
-    if model_type == "gpt2":
-        model = tiny.tiny_gpt2()
-        model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0
-        return model
+    if model_type == "gpt2":  # tests/tiny.py's GPT-2 without dropout
+        torch.manual_seed(0)
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=400, n_embd=64, n_layer=2, n_head=4,
+                                              n_positions=256, bos_token_id=0, eos_token_id=0,
+                                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
     config_class, model_class, extra = {
         "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
         "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(head_dim=128)),
@@ -186,8 +187,9 @@ def test_merged_equals_unmerged(model_type):
     torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("inner", ["eager", "sdpa"])
 @pytest.mark.parametrize("model_type", TYPES)
-def test_packing_equals_padded_or_is_refused(model_type):
+def test_packing_equals_padded_or_is_refused(model_type, inner):
     model = tiny_family(model_type)
     why = packing_supported(model)
     if FAMILIES[model_type].packing:
@@ -196,7 +198,7 @@ def test_packing_equals_padded_or_is_refused(model_type):
     assert why is None
     inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     randomize_b(model, scale=0.1)
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation(inner)
     rows = examples()
 
     def loss_and_grads(fn):
@@ -210,7 +212,7 @@ def test_packing_equals_padded_or_is_refused(model_type):
     ref = loss_and_grads(lambda: causal_lm_loss_sum(model, padded["input_ids"], padded["labels"],
                                                     padded["attention_mask"]))
     with packed_attention_mode(model):
-        got = loss_and_grads(lambda: packed_loss_sum(model, pack_batch(rows)))
+        got = loss_and_grads(lambda: packed_loss_sum(model, pack_batch(rows, inner)))
     assert got[1] == ref[1]
     assert got[0] == pytest.approx(ref[0], rel=1e-5)
     assert got[2].keys() == ref[2].keys() and ref[2]
@@ -218,11 +220,13 @@ def test_packing_equals_padded_or_is_refused(model_type):
         torch.testing.assert_close(got[2][k], ref[2][k], atol=1e-5, rtol=1e-4, msg=k)
 
 
-def test_packing_refuses_a_configured_sliding_window():
-    """Mistral v0.1 and some Phi-3 configs set a window: refused with the window named."""
+def test_packing_refuses_a_configured_sliding_window_or_attention_dropout():
+    """Mistral v0.1 and some Phi-3 configs set a window, GPT-2 attention dropout: refused up front
+    with the setting named (the packed attention would compute something else, or stop)."""
     model = tiny_family("mistral")
     model.config.sliding_window = 4096
     assert "sliding_window=4096" in packing_supported(model)
+    assert "attn_pdrop=0.1" in packing_supported(tiny.tiny_gpt2())
     assert refusal({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False},
                    "packing") is None
     assert "not in lorakit's family table" in refusal({"model_type": "falcon"}, "packing")
