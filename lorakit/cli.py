@@ -47,10 +47,10 @@ def cmd_info(args) -> int:
     from lorakit.lora import LoraConfig, count_parameters, inject
     from lorakit.models.families import support_summary
 
-    model, _, _ = _load(args.model, dtype="bf16")
+    model, tokenizer, _ = _load(args.model, dtype="bf16")
     total, _ = count_parameters(model)
     report = {"model": args.model, "total_params": total, "trainable_params": 0, "adapted_modules": [],
-              **support_summary(model)}
+              **support_summary(model, tokenizer)}
     if args.r:
         targets = args.target_modules
         targets = targets if targets in ("all-linear",) or not targets else targets.split(",")
@@ -68,10 +68,15 @@ def cmd_info(args) -> int:
     console = _console()
     console.print(f"[bold]{args.model}[/]: {report['total_params']:,} parameters")
     console.print(f"family: {report['family'] or 'not in the family table'} "
-                  f"(model_type {report['model_type']!r}), chat template: {report['chat_template']}",
-                  highlight=False, markup=False)
+                  f"(model_type {report['model_type']!r}), chat template: {report['chat_template']}, "
+                  f"end of turn: {report['end_of_turn']}",
+                  highlight=False, markup=False, soft_wrap=True)
+    if report["target_presets"]:
+        console.print("target modules: " + "; ".join(f"{preset} = {','.join(names)}" for preset, names
+                                                     in report["target_presets"].items()),
+                      highlight=False, markup=False, soft_wrap=True)
     for feature, verdict in report["features"].items():
-        console.print(f"  {feature}: {verdict}", highlight=False, markup=False)
+        console.print(f"  {feature}: {verdict}", highlight=False, markup=False, soft_wrap=True)
     if args.r:
         console.print(f"LoRA r={args.r} on {len(report['adapted_modules'])} modules "
                       f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in report['adapted_modules']}))}): "

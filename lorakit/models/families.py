@@ -276,13 +276,31 @@ def gguf_architectures() -> dict[str, str]:
     return {f.causal_lm: f.gguf_arch for f in FAMILIES.values() if f.gguf_arch}
 
 
-def support_summary(model_or_config) -> dict:
-    """What `lorakit info` prints: the family and, per feature, "yes" or the reason not."""
+def template_end_of_turn(tokenizer) -> str | None:
+    """The end-of-turn token a tokenizer's own chat template writes: the first of the table's
+    tokens in its text, else its eos when the template writes `eos_token` (Mistral's), else None.
+    A model's template may be another family's (SmolLM2 is a Llama with ChatML)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), None)
+    if not isinstance(template, str):
+        return None
+    found = sorted((template.find(t), t) for t in end_of_turn_tokens() if t in template)
+    if found:
+        return found[0][1]
+    return getattr(tokenizer, "eos_token", None) if "eos_token" in template else None
+
+
+def support_summary(model_or_config, tokenizer=None) -> dict:
+    """What `lorakit info` prints: the family, the chat template's end-of-turn token (the
+    tokenizer's own template when given, else the family's), and per feature "yes" or the reason."""
     fam = family_of(model_or_config)
+    own = template_end_of_turn(tokenizer) if tokenizer is not None else None
     return {
         "model_type": model_type_of(model_or_config),
         "family": fam.label if fam else None,
-        "chat_template": fam.chat_format if fam else None,
-        "end_of_turn": fam.end_of_turn if fam else None,
+        "chat_template": ("the tokenizer's" if own else fam.chat_format if fam else None),
+        "end_of_turn": own or (fam.end_of_turn if fam else None),
+        "target_presets": {p: fam.targets(p) for p in ("attention", "mlp", "all-linear")} if fam else None,
         "features": {feat: refusal(model_or_config, feat) or "yes" for feat in FEATURES},
     }

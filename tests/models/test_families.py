@@ -276,8 +276,11 @@ def test_info_prints_family_and_features(model_type, tmp_path, capsys):
     assert main(["info", "--model", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
     fam = FAMILIES[model_type]
-    assert f"family: {fam.label} (model_type {model_type!r}), chat template: {fam.chat_format}" in out
+    # The tiny tokenizer's own template is ChatML, whatever the family's usual one is.
+    assert f"family: {fam.label} (model_type {model_type!r}), chat template: the tokenizer's, " \
+        "end of turn: <|im_end|>" in out
     assert "  lora: yes" in out
+    assert "target modules: attention = q_proj,k_proj,v_proj,o_proj; mlp = " in out
     packing = "  packing: yes" if fam.packing is None else f"  packing: model_type {model_type!r}"
     assert packing in out
     gguf = "  gguf: yes" if fam.gguf_arch else f"  gguf: model_type {model_type!r} ({fam.label}): "
