@@ -320,3 +320,32 @@ def test_lean_ops_take_exactly_the_table_classes_with_the_same_loss_and_gradient
     assert lean[0] == pytest.approx(plain[0], rel=1e-6)
     for k in plain[1]:
         torch.testing.assert_close(lean[1][k], plain[1][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_lorakit_train_runs_for_every_family(model_type, tmp_path, capsys):
+    """`lorakit train` on a saved folder of the family: the adapter is written, and padding-free
+    training is used or refused with the table's reason."""
+    import json
+
+    import yaml
+
+    from lorakit.cli import main
+    from tests.train.test_loop import write_toy_data
+
+    tiny_family(model_type).save_pretrained(tmp_path / "base")
+    tiny.tiny_tokenizer().save_pretrained(tmp_path / "base")
+    run = {"model": {"name": str(tmp_path / "base"), "dtype": "fp32", "device": "cpu"},
+           "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+           "data": {"train": str(write_toy_data(tmp_path / "toy.jsonl")), "max_seq_len": 64},
+           "train": {"output_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 2}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps lines
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == "all-linear" or set(saved["target_modules"]) == set(targets(model_type))
+    fam = FAMILIES[model_type]
+    assert ("padded micro-batches" in out) == (fam.packing is not None)
+    if fam.packing:
+        assert fam.packing in out
