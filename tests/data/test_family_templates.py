@@ -2,8 +2,8 @@
 
 The templates below are the Jinja text of the families' `tokenizer_config.json` (Meta-Llama-3-8B-
 Instruct, gemma-2-2b-it, gemma-3-1b-it, Qwen2.5-Instruct and Qwen3 without their tool branches,
-Mistral-7B-Instruct-v0.2, Phi-3-mini-4k-instruct), written into the tiny tokenizer with each family's special tokens. For a
-two-turn conversation exactly the assistant tokens and the family's end-of-turn token are
+Mistral-7B-Instruct-v0.2, Phi-3-mini-4k-instruct), written into the tiny tokenizer with each
+family's special tokens. For a two-turn conversation exactly the assistant tokens and the family's end-of-turn token are
 supervised, asserted token by token against the template's pieces tokenized one by one.
 """
 

@@ -349,3 +349,20 @@ def test_lorakit_train_runs_for_every_family(model_type, tmp_path, capsys):
     assert ("padded micro-batches" in out) == (fam.packing is not None)
     if fam.packing:
         assert fam.packing in out
+
+
+def test_a_family_outside_the_table_is_refused_up_front_with_the_reason():
+    from lorakit.errors import ModelLoadError
+    from lorakit.models.families import FEATURES, UnsupportedFamilyError, require
+
+    cfg = {"model_type": "falcon", "hidden_size": 64}
+    verdicts = {feature: refusal(cfg, feature) for feature in FEATURES}
+    assert verdicts.pop("lora") is None  # plain LoRA needs only linear layers
+    for feature, why in verdicts.items():
+        assert why == ("model_type 'falcon' is not in lorakit's family table (llama, qwen2, qwen3, "
+                       "mistral, gemma2, gemma3_text, phi3, gpt2)"), feature
+    with pytest.raises(UnsupportedFamilyError, match="model_type 'falcon': GGUF export needs a model "
+                       "family lorakit knows"):
+        require(cfg, "GGUF export")
+    with pytest.raises(ModelLoadError, match="model_type 'falcon' is not one calc can size"):
+        shape_from_config(cfg)
