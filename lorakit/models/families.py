@@ -11,7 +11,8 @@ says, from the transformers implementation of that type:
     splits them into packed slices only inside its kernels), and the parameter tensors of a block
     (for `calc`);
   * padding-free packing: whether `lorakit.train.packing`'s attention computes what the family's
-    own attention computes (not with Gemma 2's logit soft-capping or sliding-window layers);
+    own attention computes (it honours sliding windows and Gemma 2's score soft-capping; it has
+    no attention dropout);
   * lean ops: the RMSNorm and SiLU-gated MLP classes `lorakit.train.lean_ops` restates
     (Gemma's `(1 + w)` RMSNorm and GELU MLP, Phi-3's fused MLP are not restated);
   * GGUF: llama.cpp's architecture (`gguf.MODEL_ARCH`, as `convert_hf_to_gguf.py` registers the
@@ -68,7 +69,6 @@ _GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_
                 "post_feedforward_layernorm")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
-_SLIDING = "sliding-window attention layers (the packed attention has no window)"
 _GEMMA_GGUF = ("not written yet: llama.cpp's gemma graphs store norms as 1 + w and Gemma's "
                "vocabulary is SentencePiece, which lorakit's GGUF writer does not write")
 
@@ -135,17 +135,17 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            end_of_turn="</s>", chat_format="[INST] ... [/INST]", attention_bias="never",
            lean_rms_norm="MistralRMSNorm", lean_gated_mlp="MistralMLP", gguf_arch="LLAMA",
            gguf_permute_qk=True,
-           notes="packs only with sliding_window null (Mistral 7B v0.2+); llama.cpp runs it as llama"),
+           notes="exports to GGUF only with sliding_window null (Mistral 7B v0.2+); llama.cpp runs "
+                 "it as llama"),
     Family("gemma2", "Gemma 2", "Gemma2ForCausalLM", _ATTENTION, _MLP, _LLAMA_BLOCK, _GEMMA_NORMS,
            end_of_turn="<end_of_turn>", chat_format="Gemma turns", tie_default=True,
            default_head_dim=256,
-           packing="attention logit soft-capping and " + _SLIDING,
            gguf_refusal=_GEMMA_GGUF,
            notes="embeddings scaled by sqrt(hidden), tied head, final logit soft-capping, "
                  "(1 + w) RMSNorm, GELU-tanh MLP"),
     Family("gemma3_text", "Gemma 3 (text)", "Gemma3ForCausalLM", _ATTENTION, _MLP, _LLAMA_BLOCK,
            _GEMMA_NORMS, end_of_turn="<end_of_turn>", chat_format="Gemma turns", qk_norm=True,
-           tie_default=True, default_head_dim=256, packing=_SLIDING,
+           tie_default=True, default_head_dim=256,
            gguf_refusal=_GEMMA_GGUF,
            notes="embeddings scaled by sqrt(hidden), tied head, (1 + w) RMSNorm, q/k norms, "
                  "local/global rope, GELU-tanh MLP"),
@@ -208,7 +208,7 @@ def _config_attr(model_or_config, name: str):
 def sliding_window(model_or_config) -> int | None:
     """The attention window the config switches on, or None: Mistral and Phi-3 use
     `sliding_window` when it is set, Qwen2/Qwen3 only with `use_sliding_window`; Gemma's
-    sliding layers are in its row (`packing`, `gguf_refusal`)."""
+    sliding layers are in its row (`gguf_refusal`)."""
     fam = family_of(model_or_config)
     window = _config_attr(model_or_config, "sliding_window")
     if fam is not None and fam.model_type.startswith("qwen"):
@@ -234,10 +234,6 @@ def refusal(model_or_config, feature: str) -> str | None:
     if feature == "packing":
         if fam.packing:
             return f"{who}: {fam.packing}"
-        window = sliding_window(model_or_config)
-        if window is not None:
-            return (f"{who}: the config sets sliding_window={window} (the packed attention "
-                    "has no window)")
         for key in ("attention_dropout", "attn_pdrop"):  # GPT-2 defaults attn_pdrop to 0.1
             p = _config_attr(model_or_config, key)
             if isinstance(p, (int, float)) and p > 0:

@@ -15,8 +15,11 @@ work; the projections, norms and MLP run on valid tokens only. This is what tran
 `DataCollatorWithFlattening` and TRL's `padding_free` do, relying on FlashAttention's
 variable-length kernels on GPUs; on CPU the grid is the cheaper route.
 
-The loss is the same as on the padded batch (tested to 1e-5 in fp32, gradients too); only the
-order of floating-point sums differs. `train.padding_free` switches it off.
+A layer's sliding window (Mistral, Phi-3, Qwen2, Gemma's local layers) narrows the mask as
+transformers' `sliding_window_overlay` does, and Gemma 2's attention soft-capping is applied to the
+scores on the eager grid, so every family of `lorakit.models.families` packs. The loss is the same
+as on the padded batch (tested to 1e-5 in fp32, gradients too, for every family); only the order
+of floating-point sums differs. `train.padding_free` switches it off.
 """
 
 from __future__ import annotations
@@ -55,30 +58,35 @@ class PackInfo:
             self._cache[key] = build()
         return self._cache[key]
 
-    def _allowed(self, device) -> torch.Tensor:
-        """(B, T, T) bool: causal within each example, no key past its end."""
+    def _allowed(self, device, window: int | None = None) -> torch.Tensor:
+        """(B, T, T) bool: causal within each example, no key past its end, and with a sliding
+        window only the last `window` keys (query i sees key j when i - j < window, as
+        transformers' `sliding_window_overlay`)."""
         def build():
             t = self.longest
             lengths = torch.tensor(self.lengths, device=device)
             keys_valid = torch.arange(t, device=device)[None, :] < lengths[:, None]  # (B, T)
             causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+            if window is not None:
+                causal = causal.triu(1 - window)  # i - j <= window - 1
             return causal[None] & keys_valid[:, None, :]
-        return self._cached(("allowed", device), build)
+        return self._cached(("allowed", device, window), build)
 
-    def mask(self, device: torch.device) -> torch.Tensor:
+    def mask(self, device: torch.device, window: int | None = None) -> torch.Tensor:
         """(B, 1, T, T) bool mask for SDPA (True: attend)."""
-        return self._allowed(device)[:, None]
+        return self._allowed(device, window)[:, None]
 
-    def grouped_bias(self, kv_heads: int, groups: int, dtype, device) -> torch.Tensor:
+    def grouped_bias(self, kv_heads: int, groups: int, dtype, device,
+                     window: int | None = None) -> torch.Tensor:
         """(B * kv_heads, groups * T, T) additive mask: 0 where allowed, the dtype's minimum else."""
         def build():
-            allowed = self._allowed(device)
+            allowed = self._allowed(device, window)
             bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
                 ~allowed, torch.finfo(dtype).min)
             b, t = self.rows, self.longest
             return bias[:, None, None].expand(b, kv_heads, groups, t, t).reshape(
                 b * kv_heads, groups * t, t)
-        return self._cached(("bias", kv_heads, groups, dtype, device), build)
+        return self._cached(("bias", kv_heads, groups, dtype, device, window), build)
 
 
 @dataclass
@@ -171,23 +179,30 @@ def _sdpa_on_grid(module, query, key, value, info: PackInfo, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q, k, v = (_to_grid(x, info) for x in (query, key, value))
-    out, _ = sdpa_attention_forward(module, q, k, v, info.mask(q.device), **kwargs)  # (B, T, H, D)
+    mask = info.mask(q.device, kwargs.get("sliding_window"))
+    out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)  # (B, T, H, D)
     return _from_grid(out, info)
 
 
-def _grouped_eager_on_grid(query, key, value, info: PackInfo, scaling: float):
+def _grouped_eager_on_grid(query, key, value, info: PackInfo, scaling: float,
+                           window: int | None = None, softcap: float | None = None):
     """Eager attention on the grid with the query heads of each key/value head stacked along the
     rows, (B, Hkv, G*T, D) against (B, Hkv, T, D): one batched product per side, with the mask
     and the scaling folded into the first (`baddbmm`), instead of transformers' `repeat_kv` copies
-    of K and V for every query head (and their summed gradients)."""
+    of K and V for every query head (and their summed gradients). With `softcap` (Gemma 2) the
+    scaled scores are capped as `softcap * tanh(s / softcap)` before the mask is added, as
+    transformers' eager attention does."""
     b, t = info.rows, info.longest
     n_q, n_kv, d = query.shape[1], key.shape[1], query.shape[-1]
     groups = n_q // n_kv
     q = _to_grid(query, info).reshape(b * n_kv, groups * t, d)
     k = _to_grid(key, info).reshape(b * n_kv, t, d)
     v = _to_grid(value, info).reshape(b * n_kv, t, d)
-    bias = info.grouped_bias(n_kv, groups, q.dtype, q.device)  # (B*Hkv, G*T, T)
-    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scaling)
+    bias = info.grouped_bias(n_kv, groups, q.dtype, q.device, window)  # (B*Hkv, G*T, T)
+    if softcap is None:
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scaling)
+    else:
+        scores = torch.tanh(torch.bmm(q, k.transpose(1, 2)) * (scaling / softcap)) * softcap + bias
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.bmm(probs, v).view(b, n_q, t, d).transpose(1, 2)  # (B, T, Hq, D)
     return _from_grid(out, info)
@@ -200,13 +215,15 @@ def packed_attention(module, query, key, value, attention_mask, lorakit_packing:
         raise LorakitError(f"attention implementation {PACKED_ATTENTION!r} needs the packing of "
                            "the batch (lorakit sets it only while training)")
     info = lorakit_packing
-    if info.inner == "sdpa":
+    # SDPA has no soft-capping: a model that caps its attention scores takes the eager grid.
+    if info.inner == "sdpa" and kwargs.get("softcap") is None:
         out = _sdpa_on_grid(module, query, key, value, info, **kwargs)
     else:
         if kwargs.get("dropout") and module.training:
             raise LorakitError("attention dropout is not supported with train.padding_free; "
                                "set train.padding_free: false")
-        out = _grouped_eager_on_grid(query, key, value, info, kwargs["scaling"])
+        out = _grouped_eager_on_grid(query, key, value, info, kwargs["scaling"],
+                                     kwargs.get("sliding_window"), kwargs.get("softcap"))
     return out.unsqueeze(0), None
 
 

@@ -196,9 +196,14 @@ def test_packing_equals_padded_or_is_refused(model_type, inner):
         assert why is not None and FAMILIES[model_type].packing in why and repr(model_type) in why
         return
     assert why is None
+    assert_packed_equals_padded(model, inner)
+
+
+def assert_packed_equals_padded(model, inner):
+    """Loss and every LoRA gradient of the packed row equal the padded batch's."""
     inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     randomize_b(model, scale=0.1)
-    model.set_attn_implementation(inner)
+    model.set_attn_implementation("eager")  # the reference: transformers' own masks
     rows = examples()
 
     def loss_and_grads(fn):
@@ -220,15 +225,34 @@ def test_packing_equals_padded_or_is_refused(model_type, inner):
         torch.testing.assert_close(got[2][k], ref[2][k], atol=1e-5, rtol=1e-4, msg=k)
 
 
-def test_packing_refuses_a_configured_sliding_window_or_attention_dropout():
-    """Mistral v0.1 and some Phi-3 configs set a window, GPT-2 attention dropout: refused up front
-    with the setting named (the packed attention would compute something else, or stop)."""
-    model = tiny_family("mistral")
-    model.config.sliding_window = 4096
-    assert "sliding_window=4096" in packing_supported(model)
+@pytest.mark.parametrize("inner", ["eager", "sdpa"])
+@pytest.mark.parametrize("model_type", ["mistral", "phi3", "qwen2"])
+def test_packing_honours_a_configured_sliding_window(model_type, inner):
+    """Mistral v0.1 and some Phi-3 configs set a window, Qwen2 with use_sliding_window; a window
+    of 4, shorter than the examples, packs to the padded batch's loss and gradients."""
+    import transformers as T
+
+    config_class, model_class = {"mistral": (T.MistralConfig, T.MistralForCausalLM),
+                                 "phi3": (T.Phi3Config, T.Phi3ForCausalLM),
+                                 "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}[model_type]
+    extra = dict(use_sliding_window=True, max_window_layers=0) if model_type == "qwen2" else {}
+    torch.manual_seed(0)
+    model = model_class(config_class(**_COMMON, sliding_window=4, **extra)).eval()
+    assert packing_supported(model) is None
+    full = type(model)(type(model.config)(**_COMMON, **extra)).eval()  # same weights, no window
+    full.load_state_dict(model.state_dict())
+    with torch.no_grad():  # the window matters: the last position differs from full attention
+        x = ids(4)
+        assert not torch.allclose(model(x).logits[:, -1], full(x).logits[:, -1], atol=1e-4)
+    assert_packed_equals_padded(model, inner)
+
+
+def test_packing_refuses_attention_dropout():
+    """GPT-2 defaults to attention dropout 0.1: refused up front with the setting named (the
+    packed attention has no dropout and would stop at the first training step)."""
     assert "attn_pdrop=0.1" in packing_supported(tiny.tiny_gpt2())
-    assert refusal({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False},
-                   "packing") is None
+    assert "attention_dropout=0.1" in refusal({"model_type": "llama", "attention_dropout": 0.1},
+                                              "packing")
     assert "not in lorakit's family table" in refusal({"model_type": "falcon"}, "packing")
 
 
