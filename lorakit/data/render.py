@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 from lorakit.data.formats import Example
 from lorakit.errors import DataError
-from lorakit.models.families import end_of_turn_tokens
 
 IGNORE = -100
-# Every family's end-of-turn token (lorakit.models.families), then the plain end-of-text tokens.
-_END_MARKERS = tuple(dict.fromkeys(end_of_turn_tokens() + ("<|endoftext|>", "</s>")))
+# After every family's end-of-turn token (lorakit.models.families, imported where used, so that
+# reading data files does not load torch with the models package), the plain end-of-text tokens.
+_END_OF_TEXT = ("<|endoftext|>", "</s>")
 _FALLBACK_HEADERS = {"system": "", "user": "### Instruction:\n", "assistant": "### Response:\n"}
 
 
@@ -70,8 +70,10 @@ def _end_markers(tokenizer) -> list[str]:
     """End-of-turn strings this tokenizer knows; computed once per tokenizer (get_vocab is slow)."""
     markers = _MARKERS_BY_TOKENIZER.get(tokenizer)
     if markers is None:
+        from lorakit.models.families import end_of_turn_tokens
+
         vocab = tokenizer.get_vocab()
-        markers = [m for m in _END_MARKERS if m in vocab]
+        markers = [m for m in dict.fromkeys(end_of_turn_tokens() + _END_OF_TEXT) if m in vocab]
         if tokenizer.eos_token and tokenizer.eos_token not in markers:
             markers.append(tokenizer.eos_token)
         _MARKERS_BY_TOKENIZER[tokenizer] = markers
