@@ -44,6 +44,7 @@ from lorakit.train.methods import (
 )
 from lorakit.train.packing import host_to_device, pack_batch, packed_attention_mode, packing_supported
 from lorakit.train.prepare import check_model_fits, prepare_data
+from lorakit.train.overfit import OverfitWatch
 from lorakit.train.progress import TrainProgress
 from lorakit.train.schedule import lr_at
 
@@ -339,6 +340,8 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
                                 config_yaml, t.keep_checkpoints,
                                 weights_dir="adapter" if t.method == "lora" else TRAINABLE_DIR)
 
+    # Validation loss up twice while training loss falls: said at that step (train/overfit.py).
+    overfit = OverfitWatch.from_metrics_file(metrics_path) if step else OverfitWatch()
     bar = TrainProgress(total_steps, step, console=console, enabled=progress and dist.is_main)
     bar.note(f"{len(data.train)} train / {len(data.validation)} validation examples, "
              f"{trainable_params:,} trainable of {total_params:,} parameters "
@@ -402,6 +405,7 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
             tokens_seen += step_tokens
             input_tokens += step_input_tokens
             train_loss = loss_total / max(step_tokens, 1)
+            overfit.train(train_loss)
 
             # Log.
             elapsed = time.perf_counter() - start_time
@@ -421,6 +425,10 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
                     _append_metrics(metrics_path, {"step": step, "val_loss": val_loss,
                                                    "val_ppl": math.exp(min(val_loss, 50))})
                 bar.note(f"step {step}: validation loss {val_loss:.4f}")
+                if warning := overfit.validation(step, val_loss):
+                    bar.warn(warning.message(ckpt_root))
+                    if dist.is_main:
+                        _append_metrics(metrics_path, warning.record(ckpt_root))
                 if val_loss < best_val:
                     best_val, evals_without_gain = val_loss, 0
                     if t.early_stopping_patience:
