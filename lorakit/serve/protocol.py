@@ -210,21 +210,27 @@ def validate(model: type[BaseModel], body: object) -> BaseModel:
     if extra:
         raise ApiError(400, f"unrecognized request argument(s): {_clip(', '.join(extra))}",
                        param=_clip(extra[0], 60))
-    by_path: dict[str, list[dict]] = {}  # a union reports one error per member, at one path
+    by_field: dict[object, list[dict]] = {}  # a union reports one error per member
     for err in errors:
-        by_path.setdefault(_where(err["loc"]), []).append(err)
+        by_field.setdefault(err["loc"][0] if err["loc"] else None, []).append(err)
     problems = []
-    for path, errs in list(by_path.items())[:3]:
-        got = _short.repr(errs[0].get("input"))
-        described = model.model_fields.get(path)
-        if errs[0]["type"] == "missing":
-            problems.append(f"{path}: required")
-        elif len(errs) > 1 and described is not None and described.description:
-            problems.append(f"{path}: expected {described.description} (got {got})")
-        else:
-            msgs = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errs)
-            problems.append(f"{path}: {', or '.join(msgs)} (got {got})")
-    more = f" (and {len(by_path) - 3} more)" if len(by_path) > 3 else ""
+    for key, errs in by_field.items():
+        described = model.model_fields.get(key) if isinstance(key, str) else None
+        if len(errs) > 1 and described is not None and described.description:
+            problems.append(f"{key}: expected {described.description} (got "
+                            f"{_short.repr(body.get(key))})")
+            continue
+        by_path: dict[str, list[dict]] = {}
+        for err in errs:
+            by_path.setdefault(_where(err["loc"]), []).append(err)
+        for path, same in by_path.items():
+            if same[0]["type"] == "missing":
+                problems.append(f"{path}: required")
+                continue
+            msgs = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in same)
+            problems.append(f"{path}: {', or '.join(msgs)} (got {_short.repr(same[0].get('input'))})")
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    problems = problems[:3]
     first = errors[0]["loc"]
     raise ApiError(400, "; ".join(problems) + more, param=str(first[0]) if first else None)
 

@@ -253,3 +253,24 @@ def test_a_row_that_cannot_be_read_back_is_listed_with_its_error(llama, tmp_path
     out = capsys.readouterr().out
     assert "odd: registry row cannot be read back" in out and "good" in out
     assert main(["adapters", "remove", "odd"]) == 0
+
+
+def test_a_bad_dora_adapter_over_http_fails_alone(llama, tokenizer, tmp_path):
+    """The campaign's hang: a DoRA magnitude of the wrong length registered, then requested."""
+    service = http_service(llama, tokenizer, tmp_path, adapters=1)
+    root = tmp_path / "adapters"
+    for name, cut in (("short", 3), ("shorter", 10)):
+        make_dora_adapter(llama, root / name)
+        edit_tensors(root / name, lambda t, c=cut: t.__setitem__(MAG, t[MAG][:-c].clone()))
+    ask = {"prompt": "the quick brown fox", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    want = tokenizer.decode(greedy_reference(merged_model(llama, root / "ad0"),
+                                             tokenizer(ask["prompt"])["input_ids"], 4))
+    with ServerThread(create_app(service)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        r = http.post("/admin/adapters", json={"name": "short"})
+        assert r.status_code == 400 and "lora_magnitude_vector: length 61 (expected 64" in r.text
+        r = http.post("/v1/completions", json={"model": "shorter", **ask})  # found on demand
+        assert r.status_code == 400 and "length 54 (expected 64" in r.text
+        r = http.post("/v1/completions", json={"model": "ad0", **ask})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        assert http.get("/health").status_code == 200
+        assert [row["name"] for row in http.get("/admin/adapters").json()["data"]] == ["ad0"]

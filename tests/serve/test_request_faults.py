@@ -1,0 +1,172 @@
+"""Requests that used to break the server, each against a live server (real uvicorn on a free
+port, the tiny Llama): a tiny temperature, a seed beyond int64, a 100k-deep body, strings where
+booleans go, a client that leaves before its answer, and the `/openapi.json` schema."""
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from lorakit.serve.app import ServerThread, create_app
+from tests.serve.builders import http_service
+
+
+@pytest.fixture
+def server(llama, tokenizer, tmp_path):
+    service = http_service(llama, tokenizer, tmp_path, max_tokens=200, max_body_bytes=1_000_000)
+    with ServerThread(create_app(service)) as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            yield http, service
+
+
+def _complete(http, **body):
+    body = {"model": "ad0", "prompt": "the quick brown fox", "max_tokens": 6, "ignore_eos": True,
+            **body}
+    return http.post("/v1/completions", json=body)
+
+
+def _error(r, status):
+    assert r.status_code == status, r.text
+    return r.json()["error"]
+
+
+def test_tiny_temperature_fails_no_request(server):
+    """temperature 1e-300 divided the logits to inf and the softmax to NaN: torch.multinomial
+    raised and the whole batch failed, innocent requests with it. Now below 1e-5 is greedy and
+    below 1e-2 samples at 1e-2 (vLLM), so all six concurrent requests answer as they do alone."""
+    http, _ = server
+    bodies = [{"temperature": 1e-300}, {"temperature": 0}, {"temperature": 0.8, "seed": 7},
+              {"temperature": 3e-3, "seed": 1, "model": "ad1"}, {"temperature": 1.0, "seed": 2},
+              {"temperature": 0, "model": "tiny-base"}]
+    alone = [_complete(http, **b) for b in bodies]
+    assert [r.status_code for r in alone] == [200] * 6, [r.text for r in alone]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda b: _complete(http, **b), bodies))
+    assert [r.status_code for r in together] == [200] * 6
+    texts = [r.json()["choices"][0]["text"] for r in together]
+    assert texts == [r.json()["choices"][0]["text"] for r in alone]
+    assert texts[0] == texts[1]  # 1e-300 is greedy
+    assert all(r.json()["usage"]["completion_tokens"] == 6 for r in together)
+
+
+def test_seed_must_fit_int64(server):
+    """A seed beyond int64 made torch.Generator.manual_seed raise (HTTP 500); now 400."""
+    http, _ = server
+    for seed in [2**63, -(2**63) - 1, 2**64, 10**30]:
+        err = _error(_complete(http, seed=seed, temperature=1), 400)
+        assert err["param"] == "seed" and "seed: Input should be" in err["message"]
+    for seed in [2**63 - 1, -(2**63)]:  # the ends of the range, n=2 adds k to the seed
+        r = _complete(http, seed=seed, temperature=1, n=2)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 2
+
+
+def test_deep_and_non_json_bodies_are_400(server):
+    """A 100k-deep body raised RecursionError in json.loads (HTTP 500); NaN, Infinity, 1e999 and
+    lone surrogates parsed; every one is a 400 now, and the server keeps answering."""
+    http, _ = server
+    headers = {"Content-Type": "application/json"}
+    deep = [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+            b'{"model": "ad0", "prompt": "hi", "stop": ' + b"[" * 5000 + b"]" * 5000 + b"}"]
+    for body in deep:
+        err = _error(http.post("/v1/completions", content=body, headers=headers), 400)
+        assert err["message"] == "the request body is not valid JSON (nested too deeply)"
+    cases = {b'{"model": "ad0", "prompt": "hi", "temperature": NaN}': "NaN is not a JSON value",
+             b'{"model": "ad0", "prompt": "hi", "temperature": 1e999}': "the number 1e999 is too large",
+             b'{"model": "ad0", "prompt": "hi", "top_p": -Infinity}': "-Infinity is not a JSON value",
+             b'{"model": "ad0", "prompt": "\\ud800"}': "lone surrogate",
+             b'{"model": "ad0", "prompt": "hi", "seed": ' + b"9" * 5000 + b"}": "4300 digits",
+             b"\xff\xfe\x00": "not valid JSON"}
+    for body, why in cases.items():
+        err = _error(http.post("/v1/completions", content=body, headers=headers), 400)
+        assert why in err["message"], err
+    # A nesting that parses but is no prompt: the message shows a clipped repr of it.
+    err = _error(_complete(http, prompt=json.loads("[" * 500 + "]" * 500)), 400)
+    assert err["message"].startswith("prompt: expected a string, a list of strings, or a list of "
+                                     "token ids (got [[[[...]]]])")
+    assert _complete(http).status_code == 200
+
+
+@pytest.mark.parametrize("field,value,param", [
+    ("ignore_eos", "no", "ignore_eos"), ("ignore_eos", 0, "ignore_eos"), ("stream", "false", "stream"),
+    ("n", "2", "n"), ("n", True, "n"), ("max_tokens", 2.0, "max_tokens"),
+    ("temperature", "0.5", "temperature"), ("seed", "7", "seed"), ("top_k", 1.5, "top_k"),
+    ("stream_options", {"include_usage": "yes"}, "stream_options"), ("model", ["ad0"], "model"),
+])
+def test_no_coercion(server, field, value, param):
+    """`"ignore_eos": "no"` meant true (bool("no")); strict types refuse every coercion."""
+    http, _ = server
+    err = _error(_complete(http, **{field: value}), 400)
+    assert err["param"] == param
+    assert err["message"].startswith(f"{param}") and "(got " in err["message"], err
+
+
+def test_admin_bodies_are_strict(server):
+    http, service = server
+    err = _error(http.post("/admin/adapters", json={"name": "ad2", "replace": "no"}), 400)
+    assert err["message"] == "replace: Input should be a valid boolean (got 'no')"
+    err = _error(http.post("/admin/adapters/ad0/load", json={"pin": 1}), 400)
+    assert err["message"] == "pin: Input should be a valid boolean (got 1)"
+    err = _error(http.post("/v1/load_lora_adapter", json={"lora_path": "ad2"}), 400)
+    assert err["message"] == "lora_name: required"
+    assert service.registry.get("ad2") is not None  # registered: all three exist in http_service
+    assert http.post("/admin/adapters/ad0/load").status_code == 200  # no body: pin false
+
+
+def test_abandoned_request_gives_its_row_back(server):
+    """A non-streaming client that leaves has its sequences cancelled (it used to decode to its
+    end). The engine is held on a command so the request is still queued when the client goes."""
+    http, service = server
+    engine = service.engine
+    gate = threading.Event()
+    holder = threading.Thread(target=engine.call, args=(gate.wait,), daemon=True)
+    holder.start()
+    before = engine.generated_tokens
+    try:
+        with httpx.Client(base_url=str(http.base_url), timeout=1.0) as leaving:
+            with pytest.raises(httpx.ReadTimeout):
+                _complete(leaving, model="tiny-base", max_tokens=200)
+        deadline = time.monotonic() + 10
+        while not (engine.waiting and engine.waiting[0].cancelled):
+            assert time.monotonic() < deadline, "the disconnect did not cancel the request"
+            time.sleep(0.02)
+    finally:
+        gate.set()
+        holder.join(10)
+    deadline = time.monotonic() + 10
+    while engine.finished["cancelled"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert engine.generated_tokens == before and not engine.running and not engine.waiting
+    assert _complete(http).status_code == 200
+
+
+def test_openapi_json_describes_the_requests(llama, tokenizer, tmp_path):
+    """/openapi.json is served (without the key) and its bodies are the strict request models."""
+    service = http_service(llama, tokenizer, tmp_path, adapters=0, api_key="sk-0123456789")
+    with ServerThread(create_app(service, run_engine=False)) as srv:
+        r = httpx.get(srv.url + "/openapi.json")
+        assert r.status_code == 200
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+    schema = r.json()
+    assert schema["openapi"].startswith("3.")
+    body = schema["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"] == {"$ref": "#/components/schemas/CompletionRequest"}
+    models = schema["components"]["schemas"]
+    completion = models["CompletionRequest"]
+    assert completion["additionalProperties"] is False and completion["required"] == ["model", "prompt"]
+    props = completion["properties"]
+    assert props["ignore_eos"]["anyOf"][0] == {"type": "boolean"}
+    assert props["seed"]["anyOf"][0] == {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
+    assert props["temperature"]["anyOf"][0] == {"type": "number", "minimum": 0, "maximum": 2}
+    chat = models["ChatCompletionRequest"]["properties"]["messages"]
+    assert chat["items"] == {"$ref": "#/components/schemas/Message"} and chat["minItems"] == 1
+    assert models["Message"]["properties"]["role"]["enum"] == ["system", "user", "assistant",
+                                                                "developer"]
+    assert schema["security"] == [{"bearer": []}]
+    assert schema["paths"]["/health"]["get"]["security"] == []
+    assert set(schema["paths"]) >= {"/v1/models", "/v1/chat/completions", "/admin/adapters",
+                                    "/admin/adapters/{name}/load", "/v1/load_lora_adapter"}
