@@ -31,6 +31,7 @@ Dtype = Literal["fp32", "bf16", "fp16"]
 Method = Literal["lora", "full", "freeze"]  # see lorakit/train/methods.py
 DTYPES = typing.get_args(Dtype)
 TRAIN_METHODS = typing.get_args(Method)
+MAX_THREADS = 1024  # torch.set_num_threads takes a C int; more than this is a typo
 
 
 @dataclass
@@ -162,6 +163,8 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
     for name in ("max_steps", "eval_every", "save_every", "early_stopping_patience", "threads"):
         if getattr(t, name) < 0:
             p.append(f"train.{name}: got {getattr(t, name)} (expected >= 0)")
+    if t.threads > MAX_THREADS:
+        p.append(f"train.threads: got {t.threads} (expected 0 to {MAX_THREADS}; 0 = torch's default)")
     if t.max_steps == 0 and t.epochs <= 0:
         p.append(f"train.epochs: got {t.epochs} (expected > 0 when train.max_steps is 0)")
     if not t.lr > 0:

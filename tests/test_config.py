@@ -85,6 +85,7 @@ def test_every_shipped_yaml_loads_and_validates():
                                              "of at most 9223372036854775807)"),
     ("train.lr=[1,", "override 'train.lr=[1,': value '[1,' is not valid YAML"),
     ("eval.batch_size=0", "eval.batch_size: got 0 (expected >= 1)"),
+    ("train.threads=2147483648", "train.threads: got 2147483648 (expected 0 to 1024; 0 = torch's default)"),
     ("eval.task=classify", "eval.task: got 'classify' (expected one of auto, classification, generation)"),
     ("model.quantize_base=nf8", "model.quantize_base: got 'nf8' (expected nf4 or null)"),
     ("lora.rank=8", "lora.rank: unknown key (did you mean r?)"),

@@ -19,6 +19,7 @@ from lorakit.calc.memory import (
     base_weight_bytes,
     dtype_bytes,
     kv_cache_bytes,
+    per_rank_memory,
     serving_bytes,
     training_memory,
 )
@@ -85,11 +86,11 @@ def run_calc(model: str = DEFAULT_MODEL, method: str = "lora", r: int = 8,
              target_modules: list[str] | str = ("q_proj", "v_proj"), layers_to_train: int = 1,
              batch: int = DEFAULT_BATCH, seq_len: int = DEFAULT_SEQ_LEN, serve_adapters: int = 0,
              dtype: str = "bf16", adapter_dtype: str = "fp32", padded: bool = False,
-             double_quant: bool = True) -> dict:
+             double_quant: bool = True, world_size: int = 1, strategy: str = "ddp") -> dict:
     """Every figure `lorakit calc` shows, as a JSON-ready dict (sizes in bytes)."""
     problems = []
     for name, value, low in (("batch", batch, 1), ("seq_len", seq_len, 1),
-                             ("serve_adapters", serve_adapters, 0)):
+                             ("serve_adapters", serve_adapters, 0), ("world_size", world_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             problems.append(f"{name}: got {value!r} (expected an integer >= {low})")
     for name, value in (("dtype", dtype), ("adapter_dtype", adapter_dtype)):
@@ -97,6 +98,8 @@ def run_calc(model: str = DEFAULT_MODEL, method: str = "lora", r: int = 8,
             problems.append(f"{name}: got {value!r} (expected one of {', '.join(DTYPE_BYTES)})")
     if method not in METHODS:
         problems.append(f"method: got {method!r} (expected one of {', '.join(METHODS)})")
+    if strategy not in ("ddp", "fsdp"):
+        problems.append(f"strategy: got {strategy!r} (expected ddp or fsdp)")
     if problems:
         raise ConfigError("invalid calc arguments:\n  " + "\n  ".join(problems))
     if isinstance(target_modules, tuple):
@@ -106,6 +109,9 @@ def run_calc(model: str = DEFAULT_MODEL, method: str = "lora", r: int = 8,
     shape = shape_from_config(config, source)
     counts = count_parameters(shape, method, r, target_modules, layers_to_train)
     mem = training_memory(shape, counts, batch, seq_len, dtype, adapter_dtype, r, padded, double_quant)
+    # Under torchrun (train.distributed) each rank holds a share; `batch` stays the global batch.
+    rank_mem = per_rank_memory(shape, counts, batch, seq_len, world_size, strategy, dtype,
+                               adapter_dtype, r, padded, double_quant) if world_size > 1 else None
     e = dtype_bytes(dtype)
     # What one trained task adds on disk and in a server: the adapter (LoRA methods) or the
     # trained weights themselves (full: a whole model; freeze: the trained blocks).
@@ -142,6 +148,8 @@ def run_calc(model: str = DEFAULT_MODEL, method: str = "lora", r: int = 8,
             "trainable_layers": counts.trainable_layers if method == "freeze" else None,
         },
         "training_memory": mem.to_dict(),
+        "distributed": {"strategy": strategy, "world_size": world_size,
+                        "training_memory_per_rank": rank_mem.to_dict()} if rank_mem else None,
         "adapter_file_bytes": adapter_file_bytes(counts.trainable, per_task_bytes),
         "serving": {
             "adapters": serve_adapters,
@@ -193,9 +201,16 @@ def print_calc(report: dict, console=None) -> None:
             ("total", m["total"]),
             ("activations, gradient checkpointing", m["activations_checkpointed"]),
             ("total, gradient checkpointing", m["total_checkpointed"])]
-    for name, value in rows:
+    d = report.get("distributed")
+    if d:
+        t.add_column(f"per rank, {d['strategy']} x {d['world_size']}", justify="right")
+        rank = d["training_memory_per_rank"]
+    keys = ["weights", "quantization_constants", "gradients", "optimizer_states", "master_weights",
+            "activations", "total", "activations_checkpointed", "total_checkpointed"]
+    for (name, value), key in zip(rows, keys):
         if value or name.startswith(("weights", "activations", "total")):
-            t.add_row(f"[bold]{name}[/]" if name.startswith("total") else name, _gb(value))
+            cells = [_gb(value)] + ([_gb(rank[key])] if d else [])
+            t.add_row(f"[bold]{name}[/]" if name.startswith("total") else name, *cells)
     console.print(t)
 
     t = Table(title="Adapter and serving", title_justify="left")
@@ -232,6 +247,10 @@ def add_calc_arguments(parser) -> None:
                         help="qlora: fp32 absmax constants instead of double quantization")
     parser.add_argument("--serve-adapters", type=int, default=0,
                         help="serving memory for the base plus N adapters")
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="ranks under torchrun: adds a per-rank column (--batch stays global)")
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"],
+                        help="with --world-size: ddp replicates the model, fsdp shards it")
     parser.add_argument("--json", action="store_true")
 
 
@@ -242,7 +261,8 @@ def calc_main(args) -> int:
         target_modules=parse_target_modules(args.target_modules),
         layers_to_train=args.layers_to_train, batch=args.batch, seq_len=args.seq_len,
         serve_adapters=args.serve_adapters, dtype=args.dtype, adapter_dtype=args.adapter_dtype,
-        padded=args.padded, double_quant=not args.no_double_quant)
+        padded=args.padded, double_quant=not args.no_double_quant,
+        world_size=args.world_size, strategy=args.strategy)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lorakit.calc.activations import Activations, activation_bytes
-from lorakit.calc.params import LORA_METHODS, ModelShape, ParamCounts, linear_modules
+from lorakit.calc.params import LORA_METHODS, ModelShape, ParamCounts, block_param_count, linear_modules
 from lorakit.errors import ConfigError
 
 GB = 10**9
@@ -163,6 +163,35 @@ def training_memory(shape: ModelShape, counts: ParamCounts, batch: int, seq_len:
         master_weights=master_weight_bytes(counts.trainable, trainable_bytes),
         activations=acts.total + extra,
         activations_checkpointed=acts.total_checkpointed + largest_extra,
+    )
+
+
+def per_rank_memory(shape: ModelShape, counts: ParamCounts, batch: int, seq_len: int,
+                    world_size: int, strategy: str, dtype: str = "bf16", adapter_dtype: str = "fp32",
+                    r: int = 8, padded: bool = False, double_quant: bool = True) -> TrainingMemory:
+    """One rank's bytes when `world_size` ranks train a global batch of `batch` rows (lorakit's
+    `train.distributed`). Every strategy splits the batch, so activations are those of
+    ceil(batch / N) rows. DDP keeps everything else whole on every rank. FSDP2 keeps 1/N of the
+    weights, gradients, optimizer states and master weights (Zhao et al. 2023, "PyTorch FSDP",
+    ZeRO-3's partitioning), plus the largest decoder block gathered whole during its forward and
+    backward (its weights and, when they train, its gradients before the reduce-scatter)."""
+    if strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"strategy: got {strategy!r} (expected ddp or fsdp)")
+    mem = training_memory(shape, counts, -(-batch // world_size), seq_len, dtype, adapter_dtype, r,
+                          padded, double_quant)
+    if strategy == "ddp" or world_size == 1:
+        return mem
+    e = dtype_bytes(dtype)
+    block = max(block_param_count(shape, i) for i in range(shape.num_layers))
+    block_grads = block * e if counts.method not in LORA_METHODS else 0
+    return TrainingMemory(
+        weights=mem.weights / world_size + block * e,
+        quantization_constants=mem.quantization_constants / world_size,
+        gradients=mem.gradients / world_size + block_grads,
+        optimizer_states=mem.optimizer_states / world_size,
+        master_weights=mem.master_weights / world_size,
+        activations=mem.activations,
+        activations_checkpointed=mem.activations_checkpointed,
     )
 
 

@@ -112,3 +112,18 @@ def test_printout_shows_the_numbers():
     for needle in ("8,030,261,248", "3,407,872", "quantization constants", "base + 15 adapters",
                    "total, gradient checkpointing", "KV cache"):
         assert needle in text
+
+
+def test_world_size_adds_a_per_rank_column(capsys):
+    from lorakit.calc.cli import run_calc
+    from lorakit.errors import ConfigError
+
+    report = run_calc(method="full", batch=8, world_size=2, strategy="fsdp")
+    rank = report["distributed"]["training_memory_per_rank"]
+    assert report["distributed"]["world_size"] == 2
+    assert rank["total"] < report["training_memory"]["total"]
+    assert run_calc(batch=8)["distributed"] is None
+    assert calc_main(_args("--method", "full", "--world-size", "2", "--strategy", "fsdp")) == 0
+    assert "per rank, fsdp x 2" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="world_size: got 0"):
+        run_calc(world_size=0)

@@ -130,3 +130,28 @@ def test_measured_step_peak_within_25_percent():
         estimate = training_memory(shape, counts, batch=8, seq_len=256, dtype="fp32").total
         assert estimate > 300 * 10**6  # large enough that interpreter overhead does not dominate
         assert abs(measured[method] - estimate) / estimate < 0.25, (method, measured[method], estimate)
+
+
+def test_per_rank_memory_splits_the_batch_and_fsdp_shards_the_state():
+    """DDP: every rank holds the whole model and 1/N of the batch's activations. FSDP2: 1/N of
+    weights, gradients and optimizer state plus one gathered block (PyTorch FSDP, ZeRO-3)."""
+    from lorakit.calc.memory import per_rank_memory
+    from lorakit.calc.params import block_param_count
+
+    shape = shape_from_config(LLAMA_7B)
+    full = count_parameters(shape, "full", 8, "all-linear", 1)
+    one = training_memory(shape, full, 8, 1024, "bf16")
+    ddp = per_rank_memory(shape, full, 8, 1024, 4, "ddp", "bf16")
+    assert ddp == training_memory(shape, full, 2, 1024, "bf16")
+    assert ddp.weights == one.weights and ddp.optimizer_states == one.optimizer_states
+    assert ddp.activations == pytest.approx(one.activations / 4, rel=0.01)
+    fsdp = per_rank_memory(shape, full, 8, 1024, 4, "fsdp", "bf16")
+    block = block_param_count(shape, 0) * 2
+    assert fsdp.weights == pytest.approx(one.weights / 4 + block)
+    assert fsdp.gradients == pytest.approx(one.gradients / 4 + block)
+    assert fsdp.optimizer_states == pytest.approx(one.optimizer_states / 4)
+    assert fsdp.total < ddp.total / 2.5
+    # LoRA: the frozen base's blocks are gathered, but no base gradient exists to gather.
+    lora = count_parameters(shape, "lora", 8, "all-linear", 1)
+    assert per_rank_memory(shape, lora, 8, 1024, 2, "fsdp", "bf16").gradients == pytest.approx(
+        training_memory(shape, lora, 4, 1024, "bf16").gradients / 2)

@@ -259,7 +259,7 @@ def test_loraplus_and_dora_train_end_to_end(tmp_path):
     cfg = build_config({
         "model": {"dtype": "fp32", "device": "cpu"},
         "lora": {"r": 4, "lora_alpha": 8, "use_dora": True, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": str(data)},
+        "data": {"train": str(data), "max_seq_len": 64},
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "batch_size": 8, "lr": 1e-2,
                   "loraplus_lr_ratio": 8.0, "warmup_ratio": 0.0},
     })
