@@ -209,11 +209,13 @@ def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], t) -> list[
 
 
 def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, console=None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, on_validation=None) -> TrainResult:
     """Train as `cfg` says; write the adapter (or model), metrics and checkpoints to output_dir.
 
     `model`/`tokenizer` may be passed in (tests, sweeps); otherwise the base is loaded from
     `cfg.model`. With `resume`, training continues from the latest complete checkpoint.
+    `on_validation(step, val_loss, total_steps)` is called on rank 0 after each evaluation, once
+    its line is in metrics.jsonl (a Ray Tune trial reports it to its early-stopping scheduler).
     """
     t = cfg.train
     out = Path(t.output_dir)
@@ -424,6 +426,8 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
                 if dist.is_main:
                     _append_metrics(metrics_path, {"step": step, "val_loss": val_loss,
                                                    "val_ppl": math.exp(min(val_loss, 50))})
+                    if on_validation is not None:
+                        on_validation(step, val_loss, total_steps)
                 bar.note(f"step {step}: validation loss {val_loss:.4f}")
                 if warning := overfit.validation(step, val_loss):
                     bar.warn(warning.message(ckpt_root))
