@@ -294,6 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     from lorakit.calc.cli import add_calc_arguments, calc_main
     from lorakit.serve.app import add_serve_parser
     from lorakit.serve.cli_adapters import add_adapters_parser
+    from lorakit.ui.cli import add_ui_parser
 
     sp = add("calc", calc_main, "parameters and memory for training and serving, from the config alone")
     add_calc_arguments(sp)
@@ -302,6 +303,7 @@ def _parser() -> argparse.ArgumentParser:
     add_check_adapter_parser(sub)
     add_export_parser(sub)
     add_combine_parser(sub)
+    add_ui_parser(sub)
 
     sp = add("sweep", cmd_sweep, "run a hyperparameter sweep (grid or random) of training runs")
     sp.add_argument("sweep", help="sweep YAML (docs/sweeps.md)")

@@ -403,8 +403,11 @@ class ServerThread:
         self.thread.join(timeout=30)
 
 
-def serve(config: ServeConfig) -> int:
+def serve(config: ServeConfig, mount=None) -> int:
     """`lorakit serve`: load the base, then answer HTTP on config.host:config.port until stopped.
+
+    `mount(app, service)`, when given, adds routes to the app before it starts (the web UI,
+    lorakit/ui/routes.py).
 
     The engine runs on this (the main) thread and uvicorn on another: on the CPU the engine's
     many small operations run about twice as fast on the main thread (lorakit/serve/engine.py).
@@ -420,6 +423,8 @@ def serve(config: ServeConfig) -> int:
     print(f"serving {config.model} ({str(weights.dtype).removeprefix('torch.')} on {weights.device}; "
           f"dtype {config.dtype}{packed})")
     app = create_app(service, run_engine=False)
+    if mount is not None:
+        mount(app, service)
     if config.resolved_api_key() is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {config.host} without an API key (set api_key or LORAKIT_API_KEY)")
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info"))
@@ -452,7 +457,12 @@ def cmd_serve(args) -> int:
         overrides.append(f"host={args.host}")
     if getattr(args, "port", None) is not None:
         overrides.append(f"port={args.port}")
-    return serve(load_serve_config(getattr(args, "config", None), overrides))
+    mount = None
+    if getattr(args, "ui", False):
+        from lorakit.ui.cli import ui_mount
+
+        mount = ui_mount(args.runs)
+    return serve(load_serve_config(getattr(args, "config", None), overrides), mount=mount)
 
 
 def add_serve_parser(sub) -> None:
@@ -462,5 +472,7 @@ def add_serve_parser(sub) -> None:
     sp.add_argument("--config", default=None, help="serve YAML (ServeConfig fields)")
     sp.add_argument("--host", default=None, help="default 127.0.0.1")
     sp.add_argument("--port", type=int, default=None, help="default 8000")
+    sp.add_argument("--ui", action="store_true", help="also serve the web UI at /ui/ (docs/ui.md)")
+    sp.add_argument("--runs", default="runs", help="with --ui: the runs folder it shows")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. limits.max_tokens=256")
     sp.set_defaults(fn=cmd_serve)
