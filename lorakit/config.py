@@ -54,6 +54,11 @@ class DataSection:
     train_on_inputs: bool = False
     dedupe: bool = True
     seed: int = 0
+    # Against forgetting (lorakit/data/mix.py): other files mixed into every epoch, each
+    # {path: FILE, weight: SHARE}, weight = the share of each epoch's rows (0.2 = 1:4), and
+    # replay = the share of rows the base itself answers for the shipped general prompts.
+    mix: list[dict] = field(default_factory=list)
+    replay: float = 0.0
 
 
 @dataclass
@@ -109,6 +114,9 @@ class EvalSection:
     baselines: str = ""
     corpus: str | None = None  # passages for retrieval:K on knowledge tasks (.jsonl "text" or text)
     baseline_rows: int = 0  # a seeded subset (data.seed) of the eval rows for the baselines; 0 = all
+    # The forgetting probe beside the task score (lorakit/eval/forgetting.py): the adapter's
+    # perplexity on the base's own answers to general prompts, and the share of answers unchanged.
+    forgetting: bool = False
 
 
 @dataclass
@@ -200,6 +208,10 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
         from lorakit.eval.baselines import baseline_problems
 
         p += [f"eval.baselines: {x}" for x in baseline_problems(cfg.eval.baselines)]
+    if cfg.data.mix or cfg.data.replay:
+        from lorakit.data.mix import mix_problems
+
+        p += mix_problems(cfg.data.mix, cfg.data.replay)
     if cfg.eval.baseline_rows < 0:
         p.append(f"eval.baseline_rows: got {cfg.eval.baseline_rows} (expected >= 0; 0 = all rows)")
     return p
@@ -260,6 +272,11 @@ def build_config(raw: dict, overrides: list[str] = (), source: str | None = None
         if value and base_dir is not None and (section, name) not in from_cli \
                 and not Path(value).is_absolute():
             setattr(part, name, str((base_dir / value).resolve()))
+    if base_dir is not None and ("data", "mix") not in from_cli:
+        for entry in cfg.data.mix:  # data.mix paths, like the other data paths
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"] \
+                    and not Path(entry["path"]).is_absolute():
+                entry["path"] = str((base_dir / entry["path"]).resolve())
     problems += _semantic_problems(cfg)  # on the values that passed (defaults for the others)
     raise_problems(where, problems)
     return cfg

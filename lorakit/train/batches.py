@@ -17,14 +17,18 @@ WINDOW_BATCHES = 64
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
-                  group_by_length: bool, shuffle: bool = True) -> list[list[int]]:
+                  group_by_length: bool, shuffle: bool = True,
+                  members: list[int] | None = None) -> list[list[int]]:
     """The micro-batches (lists of example indices) of one epoch.
 
     With `shuffle=False` the examples keep their order and `group_by_length` is not applied
-    (benchmarks use it to feed two trainers the same batches).
+    (benchmarks use it to feed two trainers the same batches). `members` are the indices this
+    epoch trains on (default: every example once; `lorakit.data.mix` adds drawn mixed rows).
     """
+    members = list(range(len(lengths))) if members is None else members
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=g).tolist() if shuffle else list(range(len(lengths)))
+    order = [members[i] for i in torch.randperm(len(members), generator=g).tolist()] if shuffle \
+        else list(members)
     if not group_by_length or not shuffle:
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     window = batch_size * WINDOW_BATCHES
@@ -40,10 +44,12 @@ class BatchPlan:
     """Maps a global micro-batch index to its examples, caching one epoch at a time."""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool,
-                 shuffle: bool = True):
+                 shuffle: bool = True, members=None):
         self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
         self.group_by_length, self.shuffle = group_by_length, shuffle
-        self.per_epoch = (len(lengths) + batch_size - 1) // batch_size
+        self.members = members  # epoch -> example indices (a constant count), or None: all once
+        size = len(members(0)) if members is not None else len(lengths)
+        self.per_epoch = (size + batch_size - 1) // batch_size
         self._epoch, self._batches = -1, []
 
     def __getitem__(self, g: int) -> list[int]:
@@ -51,7 +57,8 @@ class BatchPlan:
         if epoch != self._epoch:
             self._epoch = epoch
             self._batches = epoch_batches(self.lengths, self.batch_size, self.seed, epoch,
-                                          self.group_by_length, self.shuffle)
+                                          self.group_by_length, self.shuffle,
+                                          self.members(epoch) if self.members is not None else None)
         return self._batches[idx]
 
     def epoch_of(self, g: int) -> float:

@@ -25,6 +25,7 @@ from lorakit.adapters import save_adapter
 from lorakit.atomic import clean_temps, make_folder, write_text, writing
 from lorakit.config import RunConfig, dump_config
 from lorakit.data.collate import pad_batch
+from lorakit.data.mix import mixed_rows, replay_examples
 from lorakit.data.render import supervised_count
 from lorakit.device import dtype_of
 from lorakit.errors import ConfigError, LorakitError
@@ -43,7 +44,7 @@ from lorakit.train.methods import (
     trainable_parameters,
 )
 from lorakit.train.packing import host_to_device, pack_batch, packed_attention_mode, packing_supported
-from lorakit.train.prepare import check_model_fits, prepare_data
+from lorakit.train.prepare import check_model_fits, encode_rows, prepare_data
 from lorakit.train.overfit import OverfitWatch
 from lorakit.train.progress import TrainProgress
 from lorakit.train.schedule import lr_at
@@ -237,6 +238,8 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
 
         model.lorakit_identity = base_identity(model, cfg.model.name)
     check_model_fits(cfg, model)
+    # Replay rows (data.replay): the untouched base answers the general prompts (data/mix.py).
+    replay = replay_examples(cfg, model, tokenizer, out) if cfg.data.replay else None
     torch.manual_seed(t.seed)  # seeds the adapter init, dropout and everything after
     make_trainable(model, cfg)
     total_params, trainable_params = count_parameters(model)
@@ -246,11 +249,15 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
 
     # Data: encoded once; the batch plan decides the order from (seed, epoch) alone.
     data = prepare_data(cfg, tokenizer)
-    attn = _apply_speed_settings(model, t, device, [len(e.input_ids) for e in data.train])
+    # data.mix and data.replay rows follow the task rows; each epoch draws its share (data/mix.py).
+    mixed = mixed_rows(cfg, len(data.train), lambda ex: encode_rows(ex, tokenizer, cfg), replay) \
+        if cfg.data.mix or cfg.data.replay else None
+    rows = data.train + (mixed.rows if mixed else [])
+    attn = _apply_speed_settings(model, t, device, [len(e.input_ids) for e in rows])
     not_packable = packing_supported(model) if t.padding_free else "train.padding_free is off"
     packed_inner = None if not_packable else attn
-    plan = BatchPlan([len(e.input_ids) for e in data.train], t.batch_size, t.seed, t.group_by_length,
-                     t.shuffle)
+    plan = BatchPlan([len(e.input_ids) for e in rows], t.batch_size, t.seed, t.group_by_length,
+                     t.shuffle, members=mixed.members if mixed else None)
     total_steps = t.max_steps or math.ceil(t.epochs * plan.per_epoch / t.grad_accum)
     warmup_steps = int(t.warmup_ratio * total_steps)
 
@@ -352,6 +359,8 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
     if ckpt is not None and state.get("world_size", 1) != dist.world_size:
         bar.note(f"resuming a run saved with {state.get('world_size', 1)} rank(s) on "
                  f"{dist.world_size}: the global batch and the update are the same; dropout draws differ")
+    if mixed:
+        bar.note(mixed.summary())
     for w in data.warnings:
         bar.warn(w)
     for n in notices:
@@ -375,7 +384,7 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
                 torch.manual_seed(step_seed(t.seed, step, dist.rank))
             # Forward and backward over this step's micro-batches, weighting every token alike:
             # the global batch's supervised tokens divide each rank's share of the loss sum.
-            micro_batches = [[data.train[i] for i in plan[micro + k]] for k in range(t.grad_accum)]
+            micro_batches = [[rows[i] for i in plan[micro + k]] for k in range(t.grad_accum)]
             step_tokens = sum(supervised_count(e.labels) for mb in micro_batches for e in mb)
             loss_total, step_input_tokens = 0.0, 0
             for k, examples in enumerate(micro_batches):

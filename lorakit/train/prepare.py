@@ -46,6 +46,11 @@ def _encode(examples: list[Example], tokenizer, cfg: RunConfig, counts: dict) ->
     return kept, kept_ex
 
 
+def encode_rows(examples: list[Example], tokenizer, cfg: RunConfig) -> list[Encoded]:
+    """Rows encoded as training rows are (mixed-in data: rows with no answer left are skipped)."""
+    return _encode(examples, tokenizer, cfg, {"dropped": 0, "truncated": 0})[0]
+
+
 def check_model_fits(cfg: RunConfig, model) -> None:
     """Refuse a `data.max_seq_len` beyond the positions the model was built for."""
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
