@@ -181,12 +181,13 @@ def cmd_data_stats(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    """Run a sweep file's trials one after another (resumable), then plot its results.jsonl."""
+    """Run a sweep file's trials (one after another, or on Ray), resumable; then plot results.jsonl."""
     from lorakit.sweep.plot import plot_results
     from lorakit.sweep.run import run_sweep
 
     console = _console()
-    result = run_sweep(args.sweep, args.overrides, console=console)
+    result = run_sweep(args.sweep, args.overrides, console=console, backend=args.backend,
+                       address=args.address)
     console.print(f"{result.ran} trial(s) run ({result.failed} failed), {result.skipped} already done; "
                   f"results: {result.results_path}")
     written = plot_results(result.results_path, result.output_dir / "plots", console=console)
@@ -307,6 +308,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = add("sweep", cmd_sweep, "run a hyperparameter sweep (grid or random) of training runs")
     sp.add_argument("sweep", help="sweep YAML (docs/sweeps.md)")
+    sp.add_argument("--backend", choices=["sequential", "ray"], default="sequential",
+                    help="ray: each trial a Ray Tune trial (docs/cluster.md)")
+    sp.add_argument("--address", default=None,
+                    help="with --backend ray: join this Ray cluster (auto or HOST:PORT); "
+                         "default a local Ray runtime")
     sp.add_argument("overrides", nargs="*",
                     help="section.key=value for every trial; sweep.key=value for the sweep file")
 

@@ -9,6 +9,12 @@ A sweep YAML (documented in docs/sweeps.md) holds
     random: {...}                 # or: `trials` draws from these, with `seed`
     keep_checkpoints: false       # remove each finished trial's checkpoints/ folder
 
+With `lorakit sweep --backend ray` (lorakit/sweep/ray_tune.py) each trial is a Ray Tune trial:
+
+    resources_per_trial: {cpu: 1, gpu: 0}    # what one trial holds; trials run side by side
+    scheduler: asha                          # optional: stop bad trials early (ASHA)
+    asha: {grace_period: 2, reduction_factor: 2}   # steps before a stop; keep 1/factor per rung
+
 A grid maps a name to a list of values. A plain value sets the config key the name spells
 (`train.lr: [1.0e-4, 3.0e-4]`). A mapping value sets several keys at once, and the name is then
 only a label: `rank: [{lora.r: 4, lora.lora_alpha: 8}, {lora.r: 16, lora.lora_alpha: 32}]` ties
@@ -32,7 +38,7 @@ import random as random_module
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -45,6 +51,21 @@ _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 @dataclass
+class TrialResources:
+    cpu: float = 1.0  # CPUs one Ray trial holds (its torch threads follow)
+    gpu: float = 0.0  # GPUs one Ray trial holds (fractions share a GPU)
+
+
+@dataclass
+class AshaConfig:
+    """Asynchronous successive halving (Li et al. 2018, "A System for Massively Parallel
+    Hyperparameter Tuning"; Ray Tune's `ASHAScheduler`) on the validation loss, with time in
+    optimizer steps: rungs at grace_period * reduction_factor**k steps."""
+    grace_period: int = 1  # optimizer steps before any trial may be stopped
+    reduction_factor: int = 2  # at each rung, about 1 in reduction_factor trials goes on
+
+
+@dataclass
 class SweepConfig:
     base: str | dict = ""
     output_dir: str = "runs/sweep"
@@ -54,6 +75,9 @@ class SweepConfig:
     trials: int = 0  # random search only: how many draws
     seed: int = 0  # random search only
     keep_checkpoints: bool = False
+    resources_per_trial: TrialResources = field(default_factory=TrialResources)  # Ray backend
+    scheduler: Literal["asha"] | None = None  # Ray backend: early stopping on validation loss
+    asha: AshaConfig = field(default_factory=AshaConfig)
     source: str | None = field(default=None, metadata={"schema": False})  # the YAML file read
 
     @property
@@ -200,6 +224,14 @@ def _semantic_problems(s: SweepConfig) -> list[str]:
         p.append("trials / seed: only used by random search (remove them, or use random)")
     if not s.output_dir:
         p.append("output_dir: missing")
+    res = s.resources_per_trial
+    if res.cpu < 0 or res.gpu < 0 or res.cpu + res.gpu <= 0:
+        p.append(f"resources_per_trial: got cpu={res.cpu:g} gpu={res.gpu:g} (expected cpu >= 0 "
+                 "and gpu >= 0, not both 0)")
+    if s.asha.grace_period < 1:
+        p.append(f"asha.grace_period: got {s.asha.grace_period} (expected >= 1 step)")
+    if s.asha.reduction_factor < 2:
+        p.append(f"asha.reduction_factor: got {s.asha.reduction_factor} (expected >= 2)")
     return p
 
 

@@ -12,7 +12,7 @@
   other target-module settings) as bars, at the rank and learning rate where the most settings
   were tried; each bar is annotated with its trainable parameter count.
 - `summary.md`: every successful trial sorted by final validation loss (best first), then the
-  failed ones with their errors.
+  ones the Ray backend's ASHA scheduler stopped early, then the failed ones with their errors.
 
 A plot without the data it needs (no validation loss, a single learning rate, a single
 target-module setting) is skipped with a printed note; only summary.md is always written.
@@ -179,9 +179,11 @@ def _num(x, fmt="{:.4f}") -> str:
 
 def summary_markdown(rows: list[dict], results_path: str) -> str:
     ok = sorted((r for r in rows if r.get("status") == "ok"), key=_sort_key)
-    failed = [r for r in rows if r.get("status") != "ok"]
-    lines = ["# Sweep summary", "", f"{len(rows)} trials from `{results_path}`: {len(ok)} finished, "
-             f"{len(failed)} failed. Sorted by final validation loss, best first.", "",
+    stopped = sorted((r for r in rows if r.get("status") == "stopped"), key=_sort_key)
+    failed = [r for r in rows if r.get("status") not in ("ok", "stopped")]
+    early = f", {len(stopped)} stopped early" if stopped else ""
+    lines = ["# Sweep summary", "", f"{len(rows)} trials from `{results_path}`: {len(ok)} finished"
+             f"{early}, {len(failed)} failed. Sorted by final validation loss, best first.", "",
              "| # | trial | method | r | alpha | lr | target modules | final val loss | best val loss "
              "| final train loss | steps | trainable params | seconds |",
              "|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -191,6 +193,11 @@ def summary_markdown(rows: list[dict], results_path: str) -> str:
                      f"{target_label(r.get('target_modules'))} | {_num(r.get('final_val_loss'))} | "
                      f"{_num(r.get('best_val_loss'))} | {_num(r.get('final_train_loss'))} | "
                      f"{r['steps']} | {r['trainable_params']:,} | {r['seconds']:.0f} |")
+    if stopped:
+        lines += ["", "## Stopped early (ASHA)", ""]
+        lines += [f"- {r['id']} ({', '.join(f'{k}={v}' for k, v in r['params'].items())}): "
+                  f"stopped at step {r.get('steps')}, validation loss {_num(r.get('final_val_loss'))}"
+                  for r in stopped]
     if failed:
         lines += ["", "## Failed trials", ""]
         lines += [f"- {r['id']} ({', '.join(f'{k}={v}' for k, v in r['params'].items())}): "

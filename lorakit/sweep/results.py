@@ -3,7 +3,8 @@
 A line is appended (flushed and fsynced) when a trial finishes, so a sweep killed at any moment
 keeps every finished trial and reruns only the others. Fields of a line:
 
-    id, status               trial id; "ok" or "error"
+    id, status               trial id; "ok", "error", or "stopped" (ended early by the Ray
+                             backend's ASHA scheduler: its curves and losses up to that step)
     params                   the trial's own settings (dotted key -> value)
     method, r, lora_alpha, lr, target_modules, layers_to_train
                              the trial's effective settings, read from its resolved config
@@ -66,6 +67,21 @@ def success_record(trial, cfg, result) -> dict:
             "seconds": round(result.seconds, 2), "trainable_params": result.trainable_params,
             "total_params": result.total_params, "tokens": result.tokens,
             "loss_curve": loss_curve, "val_curve": val_curve, "output_dir": str(result.output_dir)}
+
+
+def stopped_record(trial, cfg, reported: list, seconds: float) -> dict:
+    """A trial ended early by a scheduler: its curves so far from its metrics.jsonl (or, where this
+    machine cannot read the trial's folder, the validation losses it reported)."""
+    loss_curve, val_curve = curves(Path(cfg.train.output_dir) / "metrics.jsonl")
+    val_curve = val_curve or [[s, _finite(v)] for s, v in reported]
+    vals = [v for _, v in val_curve if v is not None]
+    steps = max([s for s, _ in loss_curve] + [s for s, _ in val_curve] + [0])
+    return {"id": trial.id, "status": "stopped", "params": trial.params, **_config_fields(cfg),
+            "final_train_loss": loss_curve[-1][1] if loss_curve else None,
+            "final_val_loss": val_curve[-1][1] if val_curve else None,
+            "best_val_loss": min(vals) if vals else None, "steps": steps,
+            "seconds": round(seconds, 2), "loss_curve": loss_curve, "val_curve": val_curve,
+            "output_dir": cfg.train.output_dir}
 
 
 def failure_record(trial, cfg, error: BaseException, seconds: float) -> dict:

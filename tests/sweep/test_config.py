@@ -141,3 +141,30 @@ def test_sweep_keys_checked_by_the_shared_builder(tmp_path):
     for fragment in ("keep_checkpoints: got 'no' (expected bool)", "trials: got 1.5 (expected int)",
                      "overrides: got [1] (expected list[str])", "seeds: unknown key (did you mean seed?)"):
         assert fragment in msg, msg
+
+
+def test_ray_settings_checked_at_once(tmp_path):
+    from lorakit.sweep.run import run_sweep
+
+    path = write(tmp_path, {"grid": {"train.lr": [1e-3]}, "scheduler": "hyperband",
+                            "resources_per_trial": {"cpu": 0, "gpu": 0, "tpu": 1},
+                            "asha": {"grace_period": 0, "reduction_factor": 1}})
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path)
+    msg = str(e.value)
+    for text in ("scheduler: got 'hyperband' (expected asha or null)", "resources_per_trial.tpu: unknown key",
+                 "resources_per_trial: got cpu=0 gpu=0", "asha.grace_period: got 0",
+                 "asha.reduction_factor: got 1"):
+        assert text in msg, msg
+    sweep = load_sweep(write(tmp_path, {"grid": {"train.lr": [1e-3]}, "scheduler": "asha",
+                                        "resources_per_trial": {"cpu": 0.5, "gpu": 1}}))
+    assert (sweep.resources_per_trial.cpu, sweep.resources_per_trial.gpu) == (0.5, 1.0)
+    assert (sweep.asha.grace_period, sweep.asha.reduction_factor) == (1, 2)
+    with pytest.raises(ConfigError, match="scheduler: asha needs the Ray backend"):
+        run_sweep(sweep.source)
+    with pytest.raises(ConfigError, match="--address: joins a Ray cluster, so it needs --backend ray"):
+        run_sweep(sweep.source, address="auto")
+    with pytest.raises(ConfigError) as e:  # refused before Ray starts
+        run_sweep(sweep.source, backend="ray")
+    assert "set data.validation or data.val_fraction" in str(e.value)
+    assert "set train.eval_every" in str(e.value)
