@@ -18,6 +18,8 @@ import json
 import math
 from pathlib import Path
 
+from fastapi import Request  # a module name: FastAPI resolves the routes' annotations here
+
 from lorakit.errors import LorakitError
 from lorakit.serve.protocol import ApiError
 from lorakit.ui.roots import Roots
@@ -125,7 +127,6 @@ def mount_ui(app, service, runs_root: str | Path, adapters_root: str | Path | No
 
     Returns the RunManager of the training processes the page starts (its `shutdown` stops
     them; `lorakit ui` calls it when the server ends)."""
-    from fastapi import Request
     from fastapi.responses import FileResponse
 
     roots = Roots.of(runs_root, adapters_root or service.adapters_root)
