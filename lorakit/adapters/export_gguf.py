@@ -8,12 +8,15 @@ Two formats, following llama.cpp's own converters:
   (`lorakit/adapters/gguf_lora.py`), for `llama-cli --lora` / `llama-server --lora`.
 
 This file holds what both share: the supported architectures, HF -> GGUF tensor names
-(`gguf.get_tensor_name_map`), llama.cpp's q/k row permutation, the atomic file write, and the CLI
-subcommand. The families are those `lorakit.models.families` gives a llama.cpp architecture:
-Llama (e.g. SmolLM2) and Mistral as `llama` (q/k rows permuted), Qwen2 as `qwen2` (q/k/v
-biases) and Qwen3 as `qwen3` (q/k norms), in rotate-half order as their converters leave them;
-each is checked end to end against transformers' GGUF loader
-(`transformers/modeling_gguf_pytorch_utils.py`). Other families are refused with the table's reason.
+(`gguf.get_tensor_name_map`), the tensor layout llama.cpp wants (q/k rows permuted for its llama
+graph, Gemma's norms as 1 + w), the atomic file write, and the CLI subcommand. The families are
+those `lorakit.models.families` gives a llama.cpp architecture: Llama (e.g. SmolLM2) and Mistral
+as `llama` (q/k rows permuted), Qwen2 as `qwen2` (q/k/v biases), Qwen3 as `qwen3` (q/k norms),
+Gemma 2 as `gemma2` and Gemma 3 as `gemma3` (norms stored as 1 + w, soft-capping and the sliding
+window in the header), Phi-3 as `phi3` (fused `attn_qkv` and `ffn_up` written whole); each is
+checked end to end against transformers' GGUF loader (`transformers/modeling_gguf_pytorch_utils.py`).
+Other families, and configs llama.cpp's graph would compute differently
+(`families.gguf_config_problems`), are refused with the reason.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ MODEL_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 LORA_OUTTYPES = ("f32", "f16", "bf16")
 # The converters' defaults: f16 for models, f32 for LoRA files.
 DEFAULT_OUTTYPE = {"gguf": "f16", "gguf-lora": "f32"}
-# {transformers class: gguf.MODEL_ARCH member}, from the family table (Llama, and Mistral, which
-# llama.cpp's converter also writes as llama).
+# {transformers class: gguf.MODEL_ARCH member}, from the family table (Mistral is written as llama,
+# as llama.cpp's converter writes it).
 SUPPORTED_ARCHITECTURES = gguf_architectures()
 
 
@@ -55,24 +58,16 @@ class ExportResult:
 # ---------------------------------------------------------------------------------------------
 
 def check_architecture(model, source: str) -> None:
-    """Refuse a base whose GGUF form we do not write (or would write wrongly)."""
+    """Refuse a base whose GGUF form we do not write (or would write wrongly): a family without a
+    llama.cpp architecture, or a config llama.cpp's graph would compute differently
+    (`families.gguf_config_problems`)."""
+    from lorakit.models.families import gguf_config_problems
+
     arch = type(model).__name__
-    why = refusal(model, "gguf")
-    if arch not in SUPPORTED_ARCHITECTURES or why is not None:
-        raise ExportError(f"{source}: architecture {arch} cannot be exported to GGUF ({why}); "
-                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    cfg = model.config
-    problems = []
-    # llama.cpp's llama graph is SiLU-gated, bias-free, with plain or no rope scaling.
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={cfg.hidden_act!r} (expected 'silu')")
-    for flag in ("attention_bias", "mlp_bias"):
-        if getattr(cfg, flag, False):
-            problems.append(f"{flag}=True (expected False)")
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        problems.append(f"rope_type={rope.get('rope_type')!r} (expected 'default'; rope scaling "
-                        "is not exported yet)")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ExportError(f"{source}: architecture {arch} cannot be exported to GGUF "
+                          f"({refusal(model, 'gguf')}); supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    problems = gguf_config_problems(model)
     if problems:
         raise ExportError(f"{source}: this {arch} cannot be exported to GGUF: " + "; ".join(problems))
 
@@ -116,11 +111,17 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def to_gguf_layout(hf_name: str, w: torch.Tensor, config) -> torch.Tensor:
     """The tensor as llama.cpp stores it: for the llama graph, q rows permuted per query head, k
-    per key/value head; as it is for graphs that take rotate-half order (qwen2, qwen3)."""
+    per key/value head (graphs that take rotate-half order, qwen2/qwen3/gemma/phi3, take them as
+    they are); for the gemma graphs, every norm weight w as 1 + w (the family's `gguf_norm_shift`,
+    as the converter's `Gemma2Model` / `Gemma3Model.modify_tensors` write them)."""
     from lorakit.models.families import family_of
 
     fam = family_of(config)
-    if fam is None or not fam.gguf_permute_qk:
+    if fam is None:
+        return w
+    if fam.gguf_norm_shift and hf_name.endswith("norm.weight"):
+        return w + fam.gguf_norm_shift
+    if not fam.gguf_permute_qk:
         return w
     if hf_name.endswith("self_attn.q_proj.weight"):
         return permute_qk(w, config.num_attention_heads)

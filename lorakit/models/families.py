@@ -16,7 +16,9 @@ says, from the transformers implementation of that type:
   * lean ops: the RMSNorm and SiLU-gated MLP classes `lorakit.train.lean_ops` restates
     (Gemma's `(1 + w)` RMSNorm and GELU MLP, Phi-3's fused MLP are not restated);
   * GGUF: llama.cpp's architecture (`gguf.MODEL_ARCH`, as `convert_hf_to_gguf.py` registers the
-    transformers class) when lorakit's exporter writes it, else why not;
+    transformers class) when lorakit's exporter writes it, else why not; and what the converter
+    and llama.cpp's graph for it fix that a config could set otherwise (Gemma's norms stored as
+    `1 + w`, its GELU, the sliding-layer pattern, the query scale, which soft-cappings apply);
   * the chat template's end-of-turn token, the token that closes an assistant turn and is the
     last supervised token of an answer.
 
@@ -27,6 +29,7 @@ with the reason; plain LoRA on any `nn.Linear` / `Conv1D` model does not need it
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from lorakit.errors import LorakitError
@@ -69,8 +72,6 @@ _GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_
                 "post_feedforward_layernorm")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
-_GEMMA_GGUF = ("not written yet: llama.cpp's gemma graphs store norms as 1 + w and Gemma's "
-               "vocabulary is SentencePiece, which lorakit's GGUF writer does not write")
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,23 @@ class Family:
     gguf_arch: str | None = None  # gguf.MODEL_ARCH member the exporter writes
     gguf_refusal: str | None = None  # why not, when gguf_arch is None
     # llama.cpp's llama graph wants q/k rows in interleaved rope order (`LlamaModel.permute`);
-    # its qwen2/qwen3 graphs take transformers' rotate-half order as it is.
+    # its qwen2/qwen3/gemma/phi3 graphs take transformers' rotate-half order as it is.
     gguf_permute_qk: bool = False
+    # Added to every `*norm.weight` on export: Gemma's RMSNorm computes x * (1 + w) and llama.cpp's
+    # gemma graphs x * w, so the converter stores 1 + w (transformers' reader subtracts it again).
+    gguf_norm_shift: float = 0.0
+    gguf_hidden_act: str = "silu"  # the MLP activation llama.cpp's graph computes
+    gguf_output: bool = True  # the graph has an output tensor (gemma2's reuses the embeddings)
+    # llama.cpp's graph fixes which layers slide: layer i slides when i % n < n - 1 (gemma2: 2,
+    # gemma3: 6), reading the window from the file; None: no sliding layers.
+    gguf_swa_pattern: int | None = None
+    gguf_window_key: bool = False  # the converter writes `attention.sliding_window` (0: none)
+    gguf_swa_rope_theta: float | None = None  # the sliding layers' rope base llama.cpp fixes
+    # llama.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden / heads) for a model of
+    # this layer count (its "27B" type); a config's query_pre_attn_scalar must agree.
+    gguf_hidden_scale_layers: int | None = None
+    gguf_required: tuple[str, ...] = ()  # config fields the graph always applies (must be set)
+    gguf_unsupported: tuple[str, ...] = ()  # config fields the graph ignores (must be unset)
     notes: str = ""
 
     @property
@@ -140,13 +156,19 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gemma2", "Gemma 2", "Gemma2ForCausalLM", _ATTENTION, _MLP, _LLAMA_BLOCK, _GEMMA_NORMS,
            end_of_turn="<end_of_turn>", chat_format="Gemma turns", tie_default=True,
            default_head_dim=256,
-           gguf_refusal=_GEMMA_GGUF,
+           gguf_arch="GEMMA2", gguf_norm_shift=1.0, gguf_hidden_act="gelu_pytorch_tanh",
+           gguf_output=False, gguf_swa_pattern=2, gguf_window_key=True,
+           gguf_hidden_scale_layers=46,
+           gguf_required=("attn_logit_softcapping", "final_logit_softcapping"),
            notes="embeddings scaled by sqrt(hidden), tied head, final logit soft-capping, "
                  "(1 + w) RMSNorm, GELU-tanh MLP"),
     Family("gemma3_text", "Gemma 3 (text)", "Gemma3ForCausalLM", _ATTENTION, _MLP, _LLAMA_BLOCK,
            _GEMMA_NORMS, end_of_turn="<end_of_turn>", chat_format="Gemma turns", qk_norm=True,
            tie_default=True, default_head_dim=256,
-           gguf_refusal=_GEMMA_GGUF,
+           gguf_arch="GEMMA3", gguf_norm_shift=1.0, gguf_hidden_act="gelu_pytorch_tanh",
+           gguf_swa_pattern=6, gguf_window_key=True, gguf_swa_rope_theta=10000.0,
+           gguf_hidden_scale_layers=62,
+           gguf_unsupported=("attn_logit_softcapping",),
            notes="embeddings scaled by sqrt(hidden), tied head, (1 + w) RMSNorm, q/k norms, "
                  "local/global rope, GELU-tanh MLP"),
     Family("phi3", "Phi-3 / Phi-4", "Phi3ForCausalLM", ("qkv_proj", "o_proj"),
@@ -155,7 +177,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
             Linear("mlp.gate_up_proj", "h", "2i"), Linear("mlp.down_proj", "i", "h")),
            _LLAMA_NORMS, end_of_turn="<|end|>", chat_format="Phi <|user|> / <|assistant|>",
            fused=("qkv_proj", "gate_up_proj"), attention_bias="never", lean_rms_norm="Phi3RMSNorm",
-           gguf_refusal="llama.cpp's phi3 graph (fused qkv / gate_up) is not written yet",
+           gguf_arch="PHI3", gguf_window_key=True,
            notes="fused qkv_proj and gate_up_proj are adapted whole, as PEFT does"),
     Family("gpt2", "GPT-2", "GPT2LMHeadModel", ("c_attn", "c_proj"), ("c_fc", "c_proj"),
            (Linear("attn.c_attn", "h", "3h", "always"), Linear("attn.c_proj", "h", "h", "always"),
@@ -208,12 +230,85 @@ def _config_attr(model_or_config, name: str):
 def sliding_window(model_or_config) -> int | None:
     """The attention window the config switches on, or None: Mistral and Phi-3 use
     `sliding_window` when it is set, Qwen2/Qwen3 only with `use_sliding_window`; Gemma's
-    sliding layers are in its row (`gguf_refusal`)."""
+    sliding layers follow `layer_types` (its row's `gguf_swa_pattern` for llama.cpp)."""
     fam = family_of(model_or_config)
     window = _config_attr(model_or_config, "sliding_window")
     if fam is not None and fam.model_type.startswith("qwen"):
         return window if _config_attr(model_or_config, "use_sliding_window") else None
     return window
+
+
+def _rope_sets(model_or_config) -> list[dict]:
+    """The rope parameter sets of a config: one, or one per layer type (Gemma 3)."""
+    rope = _config_attr(model_or_config, "rope_parameters") or {}
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        return list(rope.values())
+    return [rope]
+
+
+def gguf_config_problems(model_or_config) -> list[str]:
+    """What in this config llama.cpp's graph for the family would compute differently (empty when
+    the GGUF file would be the same model). The graph fixes things a transformers config leaves
+    open: the activation, biases, rope scaling, the sliding-layer pattern and window, the query
+    scale, which soft-cappings apply, a separate output head."""
+    fam = family_of(model_or_config)
+    if fam is None or fam.gguf_arch is None:
+        return []
+    get = functools.partial(_config_attr, model_or_config)
+    graph = fam.gguf_arch.lower()
+    problems = []
+    act = get("hidden_activation") or get("hidden_act") or "silu"
+    if act != fam.gguf_hidden_act:
+        problems.append(f"hidden_act={act!r} (llama.cpp's {graph} graph computes {fam.gguf_hidden_act!r})")
+    for flag in ("attention_bias", "mlp_bias"):
+        if get(flag):
+            problems.append(f"{flag}=True (llama.cpp's {graph} graph has no such biases)")
+    for rope in _rope_sets(model_or_config):
+        if rope.get("rope_type", "default") != "default":
+            problems.append(f"rope_type={rope.get('rope_type')!r} (expected 'default'; rope scaling "
+                            "is not exported yet)")
+            break
+    if fam.gguf_swa_pattern is None:
+        window = sliding_window(model_or_config)
+        if window is not None:
+            problems.append(f"the config sets sliding_window={window} (llama.cpp's {graph} graph "
+                            "has no window)")
+    else:
+        n = fam.gguf_swa_pattern
+        layers = get("num_hidden_layers") or 0
+        want = ["sliding_attention" if i % n < n - 1 else "full_attention" for i in range(layers)]
+        types = get("layer_types")
+        if types is not None and list(types) != want:
+            problems.append(f"layer_types={list(types)} (llama.cpp's {graph} graph fixes them "
+                            f"as {want})")
+        if not get("sliding_window"):
+            problems.append(f"sliding_window={get('sliding_window')!r} (llama.cpp's {graph} graph "
+                            "has sliding layers; expected a window)")
+        if fam.gguf_swa_rope_theta is not None:
+            local = (get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta")
+            if local is not None and float(local) != fam.gguf_swa_rope_theta:
+                problems.append(f"sliding layers' rope_theta={local} (llama.cpp's {graph} graph "
+                                f"fixes {fam.gguf_swa_rope_theta})")
+    scalar = get("query_pre_attn_scalar")
+    if scalar is not None:
+        hidden, heads = get("hidden_size"), get("num_attention_heads")
+        head_dim = get("head_dim") or hidden // heads
+        by_hidden = fam.gguf_hidden_scale_layers == get("num_hidden_layers")
+        want = hidden // heads if by_hidden else head_dim
+        if scalar != want:
+            problems.append(f"query_pre_attn_scalar={scalar} (llama.cpp's {graph} graph scales "
+                            f"queries by 1/sqrt({want}): " +
+                            ("hidden / heads at this layer count)" if by_hidden else "head_dim)"))
+    for key in fam.gguf_required:
+        if get(key) is None:
+            problems.append(f"{key}=None (llama.cpp's {graph} graph always applies it)")
+    for key in fam.gguf_unsupported:
+        if get(key) is not None:
+            problems.append(f"{key}={get(key)} (llama.cpp's {graph} graph has none)")
+    if not fam.gguf_output and get("tie_word_embeddings") is False:
+        problems.append(f"tie_word_embeddings=False (llama.cpp's {graph} graph reuses the embeddings "
+                        "as the output head)")
+    return problems
 
 
 def refusal(model_or_config, feature: str) -> str | None:
@@ -246,11 +341,8 @@ def refusal(model_or_config, feature: str) -> str | None:
     if feature == "gguf":
         if fam.gguf_arch is None:
             return f"{who}: {fam.gguf_refusal}"
-        window = sliding_window(model_or_config)
-        if window is not None:
-            return (f"{who}: the config sets sliding_window={window} (llama.cpp's "
-                    f"{fam.gguf_arch.lower()} graph has no window)")
-        return None
+        problems = gguf_config_problems(model_or_config)
+        return f"{who}: " + "; ".join(problems) if problems else None
     if feature == "chat_template":
         return None if fam.end_of_turn else f"{who}: chat template {fam.chat_format}"
     return None  # calc: every row describes its tensors
