@@ -34,7 +34,9 @@ from lorakit.serve.protocol import (
     RegisterAdapter, chat_body, chunk_body, completion_body, new_id, parse_json, parse_request,
     usage, usage_chunk, validate,
 )
+from lorakit.serve.logprobs import chat_logprobs, completion_logprobs
 from lorakit.serve.service import Service, build_service
+from lorakit.serve.tools import CallStream, answer_grammar, parse_answer
 
 log = logging.getLogger("lorakit.serve")
 
@@ -58,7 +60,20 @@ async def _read_json(request, limit: int) -> object:
         raise ApiError(400, "the client went away before sending the whole body") from None
     if not body:
         return {}
+    content_type = request.headers.get("content-type")
+    if not _is_json(content_type):  # as FastAPI: a form or text body is not read as JSON (CSRF)
+        raise ApiError(415, f"Content-Type {content_type[:60]!r} is not JSON: send "
+                       "`Content-Type: application/json`", code="unsupported_media_type")
     return parse_json(bytes(body))
+
+
+def _is_json(content_type: str | None) -> bool:
+    """No Content-Type, `application/json` or `application/*+json` (parameters aside), as FastAPI
+    decides whether to read a body as JSON."""
+    if not content_type:
+        return True
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
 
 
 def generation_error(error: Exception) -> ApiError:
@@ -82,12 +97,36 @@ _ERRORS = {status: {"description": text, "content": {"application/json": {"schem
     "$ref": "#/components/schemas/ErrorResponse"}}}}
     for status, text in [(400, "bad request"), (401, "missing or wrong API key"),
                          (404, "unknown model, adapter or route"), (409, "adapter exists or in use"),
-                         (413, "body or prompt too large"), (422, "over a limit"),
+                         (413, "body or prompt too large"), (415, "body not sent as JSON"),
+                         (422, "over a limit"),
                          (500, "a fault of the server"), (503, "overloaded or unhealthy")]}
 _ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"], "properties": {
         "message": {"type": "string"}, "type": {"type": "string"},
         "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+# One server-sent event, as OpenAPI 3.1 documents a stream's events (3.2 calls it itemSchema).
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "description": "a chunk as JSON text; the last event's data is [DONE]"}}}
+
+
+def _publish_limits(components: dict, base_name: str, limits) -> None:
+    """The server's own limits in the request schemas, so a client (or a schema-driven fuzzer)
+    knows that `max_tokens: 10000` is refused here, and a model name that exists."""
+    strings = {"type": "array", "items": {"minLength": 1, "type": "string"}}
+    bounds = [("max_tokens", {"type": "integer"}, {"maximum": limits.max_tokens}),
+              ("max_completion_tokens", {"type": "integer"}, {"maximum": limits.max_tokens}),
+              ("n", {"type": "integer"}, {"maximum": limits.max_n}),
+              ("stop", strings, {"maxItems": limits.max_stop}),
+              ("prompt", strings, {"maxItems": limits.max_prompts})]  # not the token id list
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = components[name]["properties"]
+        props["model"]["examples"] = [base_name]
+        for key, like, bound in bounds:
+            for member in props.get(key, {}).get("anyOf", []):
+                if all(member.get(k) == v for k, v in like.items()):
+                    member.update(bound)
 
 
 def _sse(obj: dict | str) -> bytes:
@@ -134,6 +173,7 @@ def create_app(service: Service, run_engine: bool = True):
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(defs["$defs"])
             components["ErrorResponse"] = _ERROR_SCHEMA
+            _publish_limits(components, service.base_name, limits)
             if api_key is not None:
                 schema["components"]["securitySchemes"] = {"bearer": {"type": "http",
                                                                       "scheme": "bearer"}}
@@ -193,8 +233,17 @@ def create_app(service: Service, run_engine: bool = True):
 
     @app.exception_handler(405)
     async def bad_method(request, _e):
-        return error_response(ApiError(405, f"method {request.method} not allowed on "
-                                       f"{request.url.path}"))
+        response = error_response(ApiError(405, f"method {request.method} not allowed on "
+                                            f"{request.url.path}"))
+        # RFC 9110 15.5.6: Allow lists every method of the path (Starlette's names one route's).
+        from starlette.routing import Match
+
+        methods = set()
+        for route in app.router.routes:
+            if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+                methods |= route.methods
+        response.headers["Allow"] = ", ".join(sorted(methods))
+        return response
 
     @app.get("/health")
     async def health():
@@ -206,11 +255,14 @@ def create_app(service: Service, run_engine: bool = True):
                   f"(limit {engine.stall_timeout:g} s)")
         return JSONResponse({"status": status}, status_code=503)
 
-    @app.get("/metrics")
+    class PrometheusText(PlainTextResponse):  # its media type is what /openapi.json shows
+        media_type = CONTENT_TYPE
+
+    @app.get("/metrics", response_class=PrometheusText)
     async def metrics():
         snapshot = await run_in_threadpool(service.snapshot)
         text = render(service.engine, snapshot, http, service.slot_bytes)
-        return PlainTextResponse(text, media_type=CONTENT_TYPE)
+        return PrometheusText(text)
 
     @app.get("/v1/models")
     async def models():
@@ -220,8 +272,10 @@ def create_app(service: Service, run_engine: bool = True):
         body = await _read_json(request, limits.max_body_bytes)
         req = parse_request(body, chat, limits)
         adapter = await run_in_threadpool(service.resolve_model, req.model)
+        grammar = None
         if chat:
-            prompts = [await run_in_threadpool(service.encode_chat, req.messages)]
+            grammar = await run_in_threadpool(answer_grammar, req, service.grammar)
+            prompts = [await run_in_threadpool(service.encode_chat, req.messages, req.tools)]
         else:
             prompts = [service.encode_prompt(p) for p in req.prompts]
         for ids in prompts:
@@ -235,8 +289,10 @@ def create_app(service: Service, run_engine: bool = True):
                 if req.n > 1 and params.seed is not None:  # n seeded choices must still differ
                     params = type(params)(**{**params.__dict__, "seed": params.seed + k})
                 index = len(jobs)
+                constraint = service.grammar.constraint(grammar) if grammar else None
                 jobs.append(Request(ids, adapter, params, on_event=lambda kind, x, i=index:
-                                    loop.call_soon_threadsafe(events.put_nowait, (i, kind, x))))
+                                    loop.call_soon_threadsafe(events.put_nowait, (i, kind, x)),
+                                    constraint=constraint))
         try:
             for job in jobs:
                 service.engine.submit(job)
@@ -263,9 +319,33 @@ def create_app(service: Service, run_engine: bool = True):
             for job in jobs:
                 if not job.finished:
                     service.engine.cancel(job)
-        choices = [(job.text, job.finish_reason) for job in jobs]
+        choices = [_choice(job, req, chat) for job in jobs]
         use = usage(prompt_tokens * req.n, sum(len(j.output_ids) for j in jobs))
         return (chat_body if chat else completion_body)(rid, req.model, choices, use)
+
+    def _choice(job: Request, req, chat: bool) -> tuple:
+        """(text, finish_reason, extra) of a finished job: tool calls read out of the answer
+        when tools were offered, logprobs when asked for."""
+        extra, text, reason = {}, job.text, job.finish_reason
+        if job.params.logprobs is not None:
+            extra["logprobs"] = (chat_logprobs if chat else completion_logprobs)(
+                service.tokenizer, job.logprobs)
+        if chat and req.tools:
+            text, calls = parse_answer(job.text)
+            if calls:
+                extra["tool_calls"], reason = calls, "tool_calls"
+        return text, reason, extra
+
+    def _stream_logprobs(job: Request, chat: bool, sent: list[int], i: int):
+        """The logprobs of the job's tokens not yet streamed (None when not asked for)."""
+        if job.params.logprobs is None:
+            return None
+        entries = job.logprobs[sent[i]:]
+        offset = len(service.tokenizer.decode([e[0] for e in job.logprobs[:sent[i]]])) \
+            if not chat and sent[i] else 0
+        sent[i] += len(entries)
+        return (chat_logprobs(service.tokenizer, entries) if chat
+                else completion_logprobs(service.tokenizer, entries, offset))
 
     async def _cancel_on_disconnect(request: HttpRequest, jobs: list[Request]) -> None:
         """Wait for the client to go away (the body is read: what comes next is the disconnect),
@@ -277,6 +357,8 @@ def create_app(service: Service, run_engine: bool = True):
 
     async def _stream(rid, req, chat, jobs, events, prompt_tokens):
         pending = set(range(len(jobs)))
+        calls = [CallStream() for _ in jobs] if chat and req.tools else None
+        sent = [0] * len(jobs)  # logprob entries streamed per choice
         try:
             if chat:
                 for i in range(len(jobs)):
@@ -284,9 +366,21 @@ def create_app(service: Service, run_engine: bool = True):
             while pending:
                 i, kind, x = await events.get()
                 if kind == "text":
-                    yield _sse(chunk_body(rid, req.model, chat, i, x, None))
+                    deltas = None
+                    if calls is not None:
+                        x, deltas = calls[i].feed(x)
+                    if x or deltas or jobs[i].params.logprobs is not None:
+                        yield _sse(chunk_body(rid, req.model, chat, i, x, None,
+                                              logprobs=_stream_logprobs(jobs[i], chat, sent, i),
+                                              tool_calls=deltas))
                 elif kind == "done":
                     pending.discard(i)
+                    rest = calls[i].finish() if calls is not None else None
+                    if x == "stop" and calls is not None and calls[i].called:
+                        x = "tool_calls"
+                    last = _stream_logprobs(jobs[i], chat, sent, i)
+                    if rest or (last and (last.get("content") or last.get("tokens"))):
+                        yield _sse(chunk_body(rid, req.model, chat, i, rest, None, logprobs=last))
                     yield _sse(chunk_body(rid, req.model, chat, i, None, x))
                 else:
                     pending.discard(i)
@@ -303,7 +397,7 @@ def create_app(service: Service, run_engine: bool = True):
     generation_responses = {200: {"description": "the completion (JSON), or server-sent events "
                                   "with `stream: true`", "content": {
                                       "application/json": {"schema": {"type": "object"}},
-                                      "text/event-stream": {"schema": {"type": "string"}}}},
+                                      "text/event-stream": {"schema": _SSE_EVENT}}},
                             **_ERRORS}
 
     @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest),

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from lorakit.serve.config import Limits
 from lorakit.serve.sampling import SamplingParams
@@ -69,11 +69,16 @@ def _finite_float(text: str) -> float:
 
 def parse_json(raw: bytes) -> object:
     """`raw` parsed as JSON, or a 400 `ApiError` saying why it is not JSON we take."""
+    try:  # RFC 8259 8.1: JSON exchanged between systems is UTF-8 (json.loads also takes UTF-16/32)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON (not UTF-8: {e.reason} at byte "
+                       f"{e.start})") from None
     try:
-        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+        body = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except RecursionError:
         raise ApiError(400, "the request body is not valid JSON (nested too deeply)") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of over 4300 digits
+    except ValueError as e:  # JSONDecodeError (a BOM included), an int of over 4300 digits
         raise ApiError(400, f"the request body is not valid JSON ({_clip(str(e))})") from None
     try:  # a lone surrogate (\ud800) parses, but is no Unicode text a tokenizer can take
         json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -99,8 +104,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def _whole(value: object) -> object:
+    """JSON has one number type: `2.0` is the integer 2 (JSON Schema's `integer` says so too),
+    `2.5` stays a float and is refused. Booleans and strings are not numbers and stay refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Integer(**bounds):  # noqa: N802 (a type)
+    """An integer field type with `bounds` (ge, le) that also takes integral floats. The bounds
+    come before the validator, else pydantic's schema shows them as `ge`/`le`, not JSON Schema's
+    `minimum`/`maximum`."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
+
+
 NonEmpty = Annotated[str, Field(min_length=1)]
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Integer(ge=0)
+# What `registry.check_name` takes ([A-Za-z0-9._-]{1,128}, not "." or ".."), published in the
+# schema without a lookahead; the check and its message stay check_name's.
+ADAPTER_NAME_PATTERN = (r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]*|\.[A-Za-z0-9_-][A-Za-z0-9._-]*"
+                        r"|\.\.[A-Za-z0-9._-]+)$")
+_ADAPTER_NAME = {"pattern": ADAPTER_NAME_PATTERN, "minLength": 1, "maxLength": 128}
+
+
+def _only(*values: object, description: str):
+    """A field OpenAI's API has and this server takes only at `values` (or null); other values
+    are refused in `parse_request` as "not supported", and the schema publishes only these."""
+    return Field(None, description=description, json_schema_extra={"enum": [*values, None]})
 
 
 class StreamOptions(_Strict):
@@ -120,19 +149,19 @@ class Message(_Strict):
 
 class _Sampling(_Strict):
     model: NonEmpty = Field(description="the base model's name or an adapter's name")
-    max_tokens: int | None = Field(None, ge=1, description="422 above the server's limit")
+    max_tokens: Integer(ge=1) | None = Field(None, description="422 above the server's limit")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1")
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, description="0 or -1 = off (vLLM)")
-    n: int | None = Field(None, ge=1, description="422 above the server's limit")
+    top_k: Integer(ge=-1) | None = Field(None, description="0 or -1 = off (vLLM)")
+    n: Integer(ge=1) | None = Field(None, description="422 above the server's limit")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: NonEmpty | list[NonEmpty] | None = Field(
         None, description="a non-empty string or a list of them")
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    seed: Integer(ge=INT64_MIN, le=INT64_MAX) | None = None
     user: str | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
+    presence_penalty: float | None = _only(0, description="only 0 is supported")
+    frequency_penalty: float | None = _only(0, description="only 0 is supported")
     ignore_eos: bool | None = Field(False, description="keep generating past end of turn (vLLM)")
 
 
@@ -140,12 +169,12 @@ class CompletionRequest(_Sampling):
     """The body of POST /v1/completions."""
 
     prompt: NonEmpty | Annotated[list[TokenId], Field(min_length=1)] \
-        | Annotated[list[str], Field(min_length=1)] = Field(
+        | Annotated[list[NonEmpty], Field(min_length=1)] = Field(
             description="a string, a list of strings, or a list of token ids")
-    logprobs: int | None = Field(None, ge=0, description="not supported: null or 0")
-    echo: bool | None = Field(None, description="not supported: null or false")
-    suffix: str | None = Field(None, description="not supported: null")
-    best_of: int | None = Field(None, ge=1, description="not supported: null or 1")
+    logprobs: Integer(ge=0) | None = _only(0, description="not supported: null or 0")
+    echo: bool | None = _only(False, description="not supported: null or false")
+    suffix: str | None = _only(description="not supported: null")
+    best_of: Integer(ge=1) | None = _only(1, description="not supported: null or 1")
 
 
 class ChatCompletionRequest(_Sampling):
@@ -153,15 +182,15 @@ class ChatCompletionRequest(_Sampling):
 
     messages: Annotated[list[Message], Field(min_length=1)] = Field(
         description="a non-empty list of {role, content} objects")
-    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer max_tokens")
-    logprobs: bool | None = Field(None, description="not supported: null or false")
-    top_logprobs: int | None = Field(None, ge=0, description="not supported: null or 0")
+    max_completion_tokens: Integer(ge=1) | None = Field(None, description="OpenAI's newer max_tokens")
+    logprobs: bool | None = _only(False, description="not supported: null or false")
+    top_logprobs: Integer(ge=0) | None = _only(0, description="not supported: null or 0")
 
 
 class RegisterAdapter(_Strict):
     """The body of POST /admin/adapters."""
 
-    name: str
+    name: str = Field(json_schema_extra=_ADAPTER_NAME)
     path: str | None = Field(None, description="relative to adapters_root; default: the name")
     replace: bool = False
     pin: bool = False
@@ -176,7 +205,7 @@ class LoadAdapter(_Strict):
 class LoraAdapter(_Strict):
     """vLLM's body for /v1/load_lora_adapter and /v1/unload_lora_adapter."""
 
-    lora_name: str
+    lora_name: str = Field(json_schema_extra=_ADAPTER_NAME)
     lora_path: str | None = None
 
 

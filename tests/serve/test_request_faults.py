@@ -92,12 +92,13 @@ def test_deep_and_non_json_bodies_are_400(server):
 
 @pytest.mark.parametrize("field,value,param", [
     ("ignore_eos", "no", "ignore_eos"), ("ignore_eos", 0, "ignore_eos"), ("stream", "false", "stream"),
-    ("n", "2", "n"), ("n", True, "n"), ("max_tokens", 2.0, "max_tokens"),
+    ("n", "2", "n"), ("n", True, "n"), ("max_tokens", 2.5, "max_tokens"),
     ("temperature", "0.5", "temperature"), ("seed", "7", "seed"), ("top_k", 1.5, "top_k"),
     ("stream_options", {"include_usage": "yes"}, "stream_options"), ("model", ["ad0"], "model"),
 ])
 def test_no_coercion(server, field, value, param):
-    """`"ignore_eos": "no"` meant true (bool("no")); strict types refuse every coercion."""
+    """`"ignore_eos": "no"` meant true (bool("no")); strict types refuse every coercion (an
+    integral float such as 2.0 is no coercion: JSON has one number type)."""
     http, _ = server
     err = _error(_complete(http, **{field: value}), 400)
     assert err["param"] == param
@@ -146,7 +147,8 @@ def test_abandoned_request_gives_its_row_back(server):
 
 def test_openapi_json_describes_the_requests(llama, tokenizer, tmp_path):
     """/openapi.json is served (without the key) and its bodies are the strict request models."""
-    service = http_service(llama, tokenizer, tmp_path, adapters=0, api_key="sk-0123456789")
+    service = http_service(llama, tokenizer, tmp_path, adapters=0, api_key="sk-0123456789",
+                           max_tokens=8, default_max_tokens=8)
     with ServerThread(create_app(service, run_engine=False)) as srv:
         r = httpx.get(srv.url + "/openapi.json")
         assert r.status_code == 200
@@ -166,7 +168,96 @@ def test_openapi_json_describes_the_requests(llama, tokenizer, tmp_path):
     assert chat["items"] == {"$ref": "#/components/schemas/Message"} and chat["minItems"] == 1
     assert models["Message"]["properties"]["role"]["enum"] == ["system", "user", "assistant",
                                                                 "developer"]
+    # What this server takes, so schemathesis's valid requests are valid here (it found each).
+    assert props["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 8}
+    assert props["n"]["anyOf"][0]["maximum"] == 2 and props["model"]["examples"] == ["tiny-base"]
+    assert props["prompt"]["anyOf"][1] == {"type": "array", "items": {"type": "integer",
+                                           "minimum": 0}, "minItems": 1}  # token ids: no maxItems
+    assert props["prompt"]["anyOf"][2]["maxItems"] == 16 and props["stop"]["anyOf"][1]["maxItems"] == 4
+    assert props["echo"]["enum"] == [False, None] and props["best_of"]["enum"] == [1, None]
+    assert models["RegisterAdapter"]["properties"]["name"]["maxLength"] == 128
+    paths = schema["paths"]
+    stream = paths["/v1/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    assert stream["schema"]["properties"]["data"]["type"] == "string"
+    assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == [
+        "text/plain; version=0.0.4; charset=utf-8"]
+    assert "415" in paths["/v1/chat/completions"]["post"]["responses"]
     assert schema["security"] == [{"bearer": []}]
     assert schema["paths"]["/health"]["get"]["security"] == []
     assert set(schema["paths"]) >= {"/v1/models", "/v1/chat/completions", "/admin/adapters",
                                     "/admin/adapters/{name}/load", "/v1/load_lora_adapter"}
+
+
+def test_integral_numbers_are_integers(server):
+    """JSON (and JSON Schema's `integer`) does not tell 2.0 from 2: schemathesis sent
+    `"max_tokens": 1094.0` and got a 400 for a request the schema allows."""
+    http, _ = server
+    whole = _complete(http, max_tokens=6.0, n=1.0, seed=7.0, top_k=0.0, temperature=1)
+    assert whole.status_code == 200, whole.text
+    assert whole.json() | {"id": 0, "created": 0} == _complete(
+        http, max_tokens=6, n=1, seed=7, top_k=0, temperature=1).json() | {"id": 0, "created": 0}
+    err = _error(_complete(http, seed=float(2**63)), 400)  # whole, but beyond int64
+    assert err["param"] == "seed" and "less than or equal to 9223372036854775807" in err["message"]
+    err = _error(_complete(http, prompt=[1.0, 2.5]), 400)
+    assert err["param"] == "prompt"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/xml"])
+def test_a_body_not_sent_as_json_is_415(server, content_type):
+    """A form or text body was parsed as JSON whatever its Content-Type, so a web page could post
+    a completion cross-site without a preflight; FastAPI refuses that too."""
+    http, _ = server
+    body = json.dumps({"model": "ad0", "prompt": "hi", "max_tokens": 2}).encode()
+    err = _error(http.post("/v1/completions", content=body, headers={"Content-Type": content_type}),
+                 415)
+    assert err["code"] == "unsupported_media_type" and "application/json" in err["message"]
+    for ok in ("application/json; charset=utf-8", "application/vnd.api+json", "APPLICATION/JSON"):
+        r = http.post("/v1/completions", content=body, headers={"Content-Type": ok})
+        assert r.status_code == 200, (ok, r.text)
+
+
+def test_a_body_not_in_utf8_is_400(server):
+    """json.loads takes UTF-16 and UTF-32 bytes; RFC 8259 says JSON between systems is UTF-8."""
+    http, _ = server
+    body = json.dumps({"model": "ad0", "prompt": "hi", "max_tokens": 2})
+    headers = {"Content-Type": "application/json"}
+    for raw, why in [(body.encode("utf-16"), "not UTF-8"), (body.encode("utf-32-le"), "property name"),  # NULs are UTF-8
+                     (b"\xef\xbb\xbf" + body.encode(), "BOM"),
+                     (body.replace("hi", "h\xe9").encode("latin-1"), "not UTF-8")]:
+        err = _error(http.post("/v1/completions", content=raw, headers=headers), 400)
+        assert err["message"].startswith("the request body is not valid JSON") and why in err["message"]
+
+
+def test_wrong_method_says_which_are_allowed(server):
+    http, _ = server
+    for method, path, allow in [("GET", "/v1/completions", "POST"), ("TRACE", "/v1/models", "GET"),
+                                ("PUT", "/admin/adapters/ad0", "DELETE")]:
+        r = http.request(method, path)
+        assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers)
+        assert r.json()["error"]["message"] == f"method {method} not allowed on {path}"
+
+
+def test_the_published_adapter_name_pattern_is_check_name():
+    """schemathesis sent `{"name": ""}`, valid by the schema, refused by the server: the schema
+    now publishes what `check_name` takes."""
+    import random
+    import re
+
+    from lorakit.errors import AdapterError
+    from lorakit.serve.protocol import ADAPTER_NAME_PATTERN
+    from lorakit.serve.registry import check_name
+
+    rng = random.Random(0)
+    names = ["", ".", "..", "...", ".a", "..a", "a.", "a..b", "-", "_", "ad0", "a/b", "a b", "é",
+             "a" * 128, "a" * 129, "..." + "a" * 125, "\n", "a\n"]
+    names += ["".join(rng.choice("ab.-_/ ") for _ in range(rng.randint(0, 5))) for _ in range(500)]
+    for name in names:
+        try:
+            check_name(name)
+            taken = True
+        except AdapterError:
+            taken = False
+        ecma = ADAPTER_NAME_PATTERN.removesuffix("$") + r"\Z"  # JSON Schema's $ is Python's \Z
+        published = bool(re.search(ecma, name)) and 1 <= len(name) <= 128
+        assert published == taken, name
