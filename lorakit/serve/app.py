@@ -507,6 +507,11 @@ def cmd_serve(args) -> int:
         overrides.append(f"host={args.host}")
     if getattr(args, "port", None) is not None:
         overrides.append(f"port={args.port}")
+    if getattr(args, "replicas", None) is not None:  # N copies on Ray Serve (docs/cluster.md)
+        from lorakit.serve.ray_serve import serve_on_ray
+
+        return serve_on_ray(load_serve_config(getattr(args, "config", None), overrides),
+                            args.replicas, args.address, args.replica_cpus, args.replica_gpus)
     mount = None
     if getattr(args, "ui", False):
         from lorakit.ui.cli import ui_mount
@@ -524,5 +529,11 @@ def add_serve_parser(sub) -> None:
     sp.add_argument("--port", type=int, default=None, help="default 8000")
     sp.add_argument("--ui", action="store_true", help="also serve the web UI at /ui/ (docs/ui.md)")
     sp.add_argument("--runs", default="runs", help="with --ui: the runs folder it shows")
+    sp.add_argument("--replicas", type=int, default=None,
+                    help="serve N replicas behind Ray Serve, routed by adapter (docs/cluster.md)")
+    sp.add_argument("--address", default=None,
+                    help="with --replicas: join this Ray cluster (auto or HOST:PORT)")
+    sp.add_argument("--replica-cpus", type=float, default=1.0, help="with --replicas: CPUs per replica")
+    sp.add_argument("--replica-gpus", type=float, default=0.0, help="with --replicas: GPUs per replica")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. limits.max_tokens=256")
     sp.set_defaults(fn=cmd_serve)
