@@ -144,7 +144,7 @@ def cmd_eval(args) -> int:
                    dtype=args.dtype, device=args.device, console=_console(),
                    quantize_base=args.quantize_base, baselines=args.baselines,
                    train_data=args.train_data, corpus=args.corpus, seed=args.seed,
-                   baseline_rows=args.baseline_rows)
+                   baseline_rows=args.baseline_rows, forgetting=args.forgetting)
     return 0
 
 
@@ -171,8 +171,17 @@ def cmd_data_stats(args) -> int:
     from lorakit.models import load_tokenizer
 
     examples = load_examples(args.file)  # a bad file is named before the tokenizer loads
+    mix = []
+    for spec in args.mix or []:
+        path, sep, weight = spec.rpartition("=")
+        try:
+            mix.append({"path": path, "weight": float(weight)})
+        except ValueError:
+            sep = ""
+        if not sep or not path:
+            raise LorakitError(f"--mix {spec}: expected FILE=SHARE, e.g. general.jsonl=0.2")
     stats = data_stats(args.file, load_tokenizer(args.model), max_seq_len=args.max_seq_len,
-                       examples=examples)
+                       examples=examples, mix=mix, replay=args.replay)
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
@@ -269,6 +278,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--corpus", help="passages (.jsonl with \"text\", or text) for retrieval:K as context")
     sp.add_argument("--baseline-rows", type=int, default=0, help="seeded subset of rows for the baselines")
     sp.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw and the subset")
+    sp.add_argument("--forgetting", action="store_true", help="forgetting probe: the adapter against "
+                    "the base on the shipped general prompts (lorakit/eval/forgetting.py)")
 
     sp = add("merge", cmd_merge, "merge an adapter into its base")
     sp.add_argument("--model", default=DEFAULT_MODEL)
@@ -288,6 +299,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer counts tokens")
     st.add_argument("--max-seq-len", type=int, default=2048)
     st.add_argument("--json", action="store_true")
+    st.add_argument("--mix", action="append", metavar="FILE=SHARE",
+                    help="count each epoch's rows with data.mix (repeatable), e.g. general.jsonl=0.2")
+    st.add_argument("--replay", type=float, default=0.0, help="count each epoch's rows with data.replay")
 
     from lorakit.adapters.combine import add_combine_parser
     from lorakit.adapters.export_gguf import add_export_parser

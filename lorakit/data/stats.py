@@ -34,8 +34,30 @@ def _shape_of(ex) -> str:
     return "multi-turn chat" if roles.count("assistant") > 1 else "single-turn"
 
 
-def data_stats(path: str | Path, tokenizer, max_seq_len: int = 2048, examples=None) -> dict:
-    """The stats of a data file (`examples`: its rows, when already read with `load_examples`)."""
+def mix_stats(n_task: int, mix: list[dict], replay: float) -> dict:
+    """What each epoch holds when `n_task` task rows train with `data.mix` and `data.replay`
+    (lorakit/data/mix.py): rows per source per epoch, their share, and the pool each is drawn from."""
+    from lorakit.data.mix import epoch_counts, mix_problems
+    from lorakit.errors import ConfigError
+    from lorakit.eval.forgetting import replay_prompts
+
+    problems = mix_problems(mix, replay)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    sources = [(e["path"], float(e["weight"]), len(load_examples(e["path"]))) for e in mix]
+    if replay:
+        sources.append(("replay rows (the base's answers to the general prompts)", replay,
+                        len(replay_prompts())))
+    counts = epoch_counts(n_task, [w for _, w, _ in sources])
+    return {"task_rows": n_task, "rows_per_epoch": n_task + sum(counts),
+            "sources": [{"source": name, "share": w, "rows_per_epoch": c, "pool": pool}
+                        for (name, w, pool), c in zip(sources, counts)]}
+
+
+def data_stats(path: str | Path, tokenizer, max_seq_len: int = 2048, examples=None,
+               mix: list[dict] = (), replay: float = 0.0) -> dict:
+    """The stats of a data file (`examples`: its rows, when already read with `load_examples`);
+    with `mix`/`replay` (the data section's fields), the rows of each epoch by source."""
     examples = load_examples(path) if examples is None else examples
     _, duplicates = dedupe(examples)
     totals, prompts, answers = [], [], []
@@ -74,6 +96,7 @@ def data_stats(path: str | Path, tokenizer, max_seq_len: int = 2048, examples=No
         "answers_truncated": truncated, "rows_dropped": dropped,
         "labels": dict(sorted(labels.items(), key=lambda kv: (-kv[1], str(kv[0])))) if categorical else None,
         "warnings": warnings,
+        "mix": mix_stats(len(examples) - duplicates, list(mix), replay) if mix or replay else None,
     }
 
 
@@ -99,5 +122,16 @@ def print_data_stats(stats: dict, console=None) -> None:
         for label, n in stats["labels"].items():
             labels.add_row(str(label), str(n))
         console.print(labels)
+    if stats.get("mix"):
+        m = stats["mix"]
+        mixed = Table(title=f"each epoch: {m['rows_per_epoch']:,} rows (task rows after dedupe, then mixed in)")
+        for col in ("source", "rows", "share", "drawn from"):
+            mixed.add_column(col, justify="left" if col == "source" else "right")
+        mixed.add_row(str(stats["file"]), f"{m['task_rows']:,}", f"{100 * m['task_rows'] / m['rows_per_epoch']:.1f}%",
+                      f"{m['task_rows']:,}")
+        for src in m["sources"]:
+            mixed.add_row(src["source"], f"{src['rows_per_epoch']:,}",
+                          f"{100 * src['rows_per_epoch'] / m['rows_per_epoch']:.1f}%", f"{src['pool']:,}")
+        console.print(mixed)
     for w in stats["warnings"]:
         console.print(f"[yellow]warning:[/] {w}")

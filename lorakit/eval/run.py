@@ -248,6 +248,10 @@ def to_markdown(results: dict) -> str:
         if r.get("hinted_rows"):
             lines += [f"The label list was added to the prompt of {r['hinted_rows']} rows.", ""]
             break
+    if "forgetting" in results:
+        from lorakit.eval.forgetting import summary_line
+
+        lines += [summary_line(results["forgetting"]).capitalize() + ".", ""]
     if "agreement" in results:
         a = results["agreement"]
         lines += [f"Rows only the adapter gets right: {a['adapter_only']}; only the base: "
@@ -309,6 +313,10 @@ def print_report(results: dict, console=None, full_report: str = "report.md") ->
     if "agreement" in results:
         a = results["agreement"]
         console.print(f"rows only the adapter gets right: {a['adapter_only']}, only the base: {a['base_only']}")
+    if "forgetting" in results:
+        from lorakit.eval.forgetting import summary_line
+
+        console.print(summary_line(results["forgetting"]), highlight=False, soft_wrap=True)
     if left_out:
         console.print(f"not shown at this width: {' and '.join(left_out)}; the full tables are "
                       f"in {full_report} (and report.json)", soft_wrap=False)

@@ -22,7 +22,8 @@ def evaluate_model(model, tokenizer, examples, out_dir: str | Path, task: str = 
                    compare_base: bool = True, batch_size: int = 16, max_seq_len: int = 512,
                    console=None, base_model=None, fine_tuned: bool | None = None,
                    baselines: str | None = None, train_examples=None, corpus: str | None = None,
-                   seed: int = 0, baseline_rows: int = 0) -> dict:
+                   seed: int = 0, baseline_rows: int = 0, forgetting: bool = False,
+                   system_prompt: str | None = None) -> dict:
     """Evaluate the adapter (and the base, with `compare_base`) and write the report.
 
     `fine_tuned` says whether `model` is a trained model (default: it has LoRA layers). A trained
@@ -32,6 +33,9 @@ def evaluate_model(model, tokenizer, examples, out_dir: str | Path, task: str = 
     `baselines` ("zero-shot,few-shot:5,retrieval:5", `lorakit.eval.baselines`) adds the base model
     prompted with `train_examples` (or `corpus` passages) beside the adapter on a seeded subset of
     `baseline_rows` rows (0: all), written to baselines.json/.md and under "baselines" in the report.
+
+    `forgetting` runs the forgetting probe (`lorakit.eval.forgetting`) of the fine-tuned model
+    against its base and reports it beside the task score, under "forgetting".
     """
     from lorakit.eval.baselines import parse_baselines
 
@@ -61,6 +65,14 @@ def evaluate_model(model, tokenizer, examples, out_dir: str | Path, task: str = 
         report = compare(results["base"], results["adapter"], labels)
     else:
         report = results
+    if forgetting and fine_tuned:
+        from lorakit.eval.forgetting import probe
+
+        if console:
+            console.print("[bold]forgetting probe[/]: base and adapter on the shipped general prompts")
+        report["forgetting"] = probe(model, tokenizer, base_model=None if has_adapter else base_model,
+                                     batch_size=batch_size, max_seq_len=max_seq_len,
+                                     system_prompt=system_prompt)
     if baseline_list:
         report["baselines"] = _baselines(model, tokenizer, examples, report, baseline_list,
                                          train_examples, corpus, seed, baseline_rows, batch_size,
@@ -128,7 +140,8 @@ def evaluate_run(cfg, adapter_dir, model=None, tokenizer=None, console=None) -> 
                           base_model=base_model, fine_tuned=True, baselines=cfg.eval.baselines,
                           train_examples=_train_rows(cfg) if cfg.eval.baselines else None,
                           corpus=cfg.eval.corpus, seed=cfg.data.seed,
-                          baseline_rows=cfg.eval.baseline_rows)
+                          baseline_rows=cfg.eval.baseline_rows, forgetting=cfg.eval.forgetting,
+                          system_prompt=cfg.data.system_prompt)
 
 
 def _train_rows(cfg) -> list:
@@ -141,7 +154,7 @@ def evaluate_files(model_spec: str, adapter_dir: str | None, data: str, out_dir:
                    max_examples: int = 0, dtype: str = "auto", device: str = "auto",
                    console=None, quantize_base: str | None = None, baselines: str | None = None,
                    train_data: str | None = None, corpus: str | None = None, seed: int = 0,
-                   baseline_rows: int = 0) -> dict:
+                   baseline_rows: int = 0, forgetting: bool = False) -> dict:
     """`lorakit eval`: a model spec, an optional adapter, a data file (`quantize_base="nf4"`:
     on the NF4 base a QLoRA adapter was trained on); `baselines` draw from `train_data`."""
     from lorakit.eval.baselines import parse_baselines
@@ -169,4 +182,5 @@ def evaluate_files(model_spec: str, adapter_dir: str | None, data: str, out_dir:
                           compare_base=compare or not adapter_dir, batch_size=batch_size,
                           console=console, baselines=baselines,
                           train_examples=load_examples(train_data) if train_data else None,
-                          corpus=corpus, seed=seed, baseline_rows=baseline_rows)
+                          corpus=corpus, seed=seed, baseline_rows=baseline_rows,
+                          forgetting=forgetting and bool(adapter_dir))

@@ -112,3 +112,15 @@ def test_mix_paths_are_relative_to_the_config_file(tmp_path):
     from lorakit.config import load_config
 
     assert load_config(tmp_path / "run.yaml").data.mix == [{"path": str(tmp_path / "g.jsonl"), "weight": 0.2}]
+
+
+def test_data_stats_counts_each_epoch_by_source(tmp_path):
+    from lorakit.data.stats import data_stats
+
+    cfg = _cfg(tmp_path, n_task=40)
+    general = str(tmp_path / "general.jsonl")
+    stats = data_stats(cfg.data.train, tiny.tiny_tokenizer(), mix=[{"path": general, "weight": 0.2}], replay=0.2)
+    m = stats["mix"]
+    assert m["task_rows"] == 40 and m["rows_per_epoch"] == 40 + 13 + 13
+    assert [(s["rows_per_epoch"], s["pool"]) for s in m["sources"]] == [(13, 7), (13, len(replay_prompts()))]
+    assert data_stats(cfg.data.train, tiny.tiny_tokenizer())["mix"] is None

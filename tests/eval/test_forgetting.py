@@ -68,3 +68,19 @@ def test_positive_drift_after_training(tmp_path):
 def test_needs_a_base_when_nothing_switches_off():
     with pytest.raises(Exception, match="no LoRA layers"):
         probe(tiny.tiny_llama(), tiny.tiny_tokenizer(), prompts=PROMPTS[:1])
+
+
+def test_report_puts_the_probe_beside_the_task_score(tmp_path):
+    from lorakit.data.formats import load_examples
+    from lorakit.eval.study import evaluate_model
+
+    rows = [{"instruction": "what colour is the bike?", "input": f"bike {i}", "output": "red" if i % 2 else "blue"}
+            for i in range(6)]
+    (tmp_path / "e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, tok = _confident_llama(), tiny.tiny_tokenizer()
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    report = evaluate_model(model, tok, load_examples(tmp_path / "e.jsonl"), tmp_path / "eval",
+                            compare_base=False, forgetting=True, batch_size=16)
+    assert report["forgetting"]["drift"] == 0.0 and report["forgetting"]["prompts"] == len(probe_prompts())
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert "forgetting probe" in md.lower() and "unchanged: 100.0%" in md
