@@ -5,7 +5,8 @@ Follows llama.cpp's `convert_lora_to_gguf.py` and the reader in `src/llama-adapt
 each adapted weight `<GGUF base tensor name>.lora_a` (torch (r, d_in)) and `.lora_b`
 ((d_out, r)), e.g. `blk.0.attn_q.weight.lora_a`. The converter runs B through the base model's
 tensor transform, so q/k B rows get llama.cpp's permutation (`export_gguf.permute_qk`); A is
-unchanged.
+unchanged. Phi-3's fused `qkv_proj` / `gate_up_proj` pairs go on `attn_qkv` / `ffn_up` whole, as
+their merged weights do (llama.cpp applies the pair before it splits the output).
 
 llama.cpp scales every pair by `alpha / r`, one alpha for the file and r read from the tensor.
 lorakit's scaling is per module (`cfg.scaling_for`: rank_pattern, alpha_pattern, rsLoRA's

@@ -9,8 +9,8 @@ Qwen3 file's head_dim is 128 (it reads no key_length for qwen3), a Gemma file's
 query_pre_attn_scalar 256, Gemma 2's soft-cappings 50 / 30 and Gemma 3's sliding-layer pattern one
 in six. So the tiny Qwen3 and Gemmas have those values, as the released models do (Gemma 3 with 6
 layers, so one is global); the norms are moved off their init, so Gemma's stored 1 + w matters.
-A SentencePiece vocabulary (Gemma's own kind) is checked by transformers' GGUF tokenizer reader and
-by llama.cpp's SentencePiece merge loop restated here."""
+A SentencePiece vocabulary (Gemma's kind, and Llama 2's / Phi-3's with a `▁` in front) is checked
+by transformers' GGUF tokenizer reader and by llama.cpp's SentencePiece merge loop restated here."""
 
 import json
 import re
@@ -218,20 +218,25 @@ _GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['r
                    "{{ m['content'] }}<end_of_turn>\n{% endfor %}")
 
 
-def gemma_style_tokenizer():
-    """A tiny tokenizer shaped like Gemma's (transformers' `GemmaTokenizer`): BPE over text with
-    spaces as `▁`, byte fallback to `<0x..>` tokens, `<bos>` added, Gemma's turn tokens."""
+def sentencepiece_tokenizer(shape):
+    """A tiny tokenizer shaped like Gemma's (`GemmaTokenizer`: no `▁` in front of the text, `<bos>`
+    added, Gemma's turn tokens) or Llama 2's and Phi-3's (`LlamaTokenizer`: a `▁` in front): BPE
+    over text with spaces as `▁`, byte fallback to `<0x..>` tokens."""
     from tokenizers import Tokenizer, models, normalizers, trainers
-    from transformers import GemmaTokenizer
+    from transformers import GemmaTokenizer, LlamaTokenizer
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     bpe.normalizer = normalizers.Replace(" ", "\u2581")
     specials = _SPECIALS + [f"<0x{b:02X}>" for b in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
-    bpe.train_from_iterator(tiny._CORPUS * 4, trainer=trainer)
+    bpe.train_from_iterator(["\u2581" + text for text in tiny._CORPUS] * 4, trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
-    tok = GemmaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
-                         additional_special_tokens=["<start_of_turn>", "<end_of_turn>"], add_bos_token=True)
+    vocab, merges = model["vocab"], [tuple(m) for m in model["merges"]]
+    if shape == "llama":
+        return LlamaTokenizer(vocab=vocab, merges=merges, bos_token="<bos>", eos_token="<eos>",
+                              add_bos_token=True)
+    tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True,
+                         additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
     tok.chat_template = _GEMMA_TEMPLATE
     return tok
 
@@ -260,27 +265,32 @@ TEXTS = ["is this bike still available? can you do 50 dollars", "what condition 
          "any scratches or stains on the sofa", "hello  world\n0123 !?", "caf\u00e9 \u00b1 \u4e16"]
 
 
-def test_sentencepiece_vocabulary_reads_back_in_transformers_and_llama_cpp(tmp_path):
+@pytest.mark.parametrize("model_type,shape", [("gemma2", "gemma"), ("phi3", "llama")])
+def test_sentencepiece_vocabulary_reads_back_in_transformers_and_llama_cpp(model_type, shape, tmp_path):
     from transformers import AutoTokenizer
 
-    tok = gemma_style_tokenizer()
-    base = _base("gemma2", tmp_path / "base", tokenizer=tok)
+    tok = sentencepiece_tokenizer(shape)
+    base = _base(model_type, tmp_path / "base", tokenizer=tok)
     adapter, _ = _adapter(base, tmp_path / "adapter")
     out = export(str(base), adapter, tmp_path / "m.gguf", fmt="gguf", outtype="f32").path
     value = {k: f.contents() for k, f in gguf.GGUFReader(str(out)).fields.items() if k.startswith("tokenizer")}
     assert value["tokenizer.ggml.model"] == "llama" and value["tokenizer.ggml.pre"] == "default"
-    assert value["tokenizer.ggml.add_space_prefix"] is False  # Gemma's normalizer adds no ▁
+    prefix = value["tokenizer.ggml.add_space_prefix"]
+    assert prefix is (shape == "llama")  # Gemma's normalizer puts no ▁ in front; Llama 2's does
     assert value["tokenizer.ggml.add_bos_token"] is True and value["tokenizer.ggml.bos_token_id"] == 2
     tokens, types = value["tokenizer.ggml.tokens"], value["tokenizer.ggml.token_type"]
     kind = gguf.TokenType
     assert types[tok.unk_token_id] == kind.UNKNOWN and types[tok.convert_tokens_to_ids("<0x41>")] == kind.BYTE
-    assert types[tok.convert_tokens_to_ids("<end_of_turn>")] == kind.CONTROL
-    assert sum(t == kind.NORMAL for t in types) == len(tok) - len(_SPECIALS) - 256
+    assert sum(t == kind.NORMAL for t in types) == len(tok) - len(tok.added_tokens_decoder) - 256
     for text in TEXTS:
         want = tok(text, add_special_tokens=False)["input_ids"]
-        assert llama_cpp_spm(text, tokens, value["tokenizer.ggml.scores"], False) == want, text
+        assert llama_cpp_spm(text, tokens, value["tokenizer.ggml.scores"], prefix) == want, text
 
     back = AutoTokenizer.from_pretrained(str(out.parent), gguf_file=out.name)
-    for text in TEXTS + ["<start_of_turn>user\nwhat colour is it<end_of_turn>"]:
+    for text in TEXTS:
         assert back(text)["input_ids"] == tok(text)["input_ids"], text
-    assert back.chat_template == _GEMMA_TEMPLATE
+    if shape == "gemma":
+        assert types[tok.convert_tokens_to_ids("<end_of_turn>")] == kind.CONTROL
+        text = "<start_of_turn>user\nwhat colour is it<end_of_turn>"
+        assert back(text)["input_ids"] == tok(text)["input_ids"]
+        assert back.chat_template == _GEMMA_TEMPLATE
