@@ -306,6 +306,7 @@ def _parser() -> argparse.ArgumentParser:
     from lorakit.adapters.combine import add_combine_parser
     from lorakit.adapters.export_gguf import add_export_parser
     from lorakit.adapters.portability import add_check_adapter_parser
+    from lorakit.adapters.spectrum import add_inspect_parser
     from lorakit.calc.cli import add_calc_arguments, calc_main
     from lorakit.serve.app import add_serve_parser
     from lorakit.serve.cli_adapters import add_adapters_parser
@@ -318,6 +319,7 @@ def _parser() -> argparse.ArgumentParser:
     add_check_adapter_parser(sub)
     add_export_parser(sub)
     add_combine_parser(sub)
+    add_inspect_parser(sub)
     add_ui_parser(sub)
 
     sp = add("sweep", cmd_sweep, "run a hyperparameter sweep (grid or random) of training runs")
