@@ -40,6 +40,7 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None, type_: str | None = None):
+        message = one_line(message)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -52,6 +53,23 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
+
+
+def one_line(message: str) -> str:
+    """A message of several lines (an adapter check's list of problems) as one line:
+    `problems:\n  a\n  b` -> `problems: a; b`."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else message
+    head = lines[0] + ("" if lines[0].endswith(":") else ";")
+    return head + " " + "; ".join(lines[1:])
+
+
+def shown(text: str, n: int = 100) -> str:
+    """A name the client sent, as an error message shows it: clipped, and escaped when it holds
+    control characters (a newline in a model name must not break the message or a log line)."""
+    text = text if text.isprintable() else repr(text)[1:-1]
+    return text if len(text) <= n else text[:n] + "..."
 
 
 # -- JSON --------------------------------------------------------------------------------------

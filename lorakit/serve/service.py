@@ -19,7 +19,7 @@ from lorakit.serve.engine import Engine
 from lorakit.serve.layer import resident_bytes, wrap_for_serving
 from lorakit.serve.packed import pack_linear_weights
 from lorakit.serve.prefix import PrefixCache
-from lorakit.serve.protocol import ApiError
+from lorakit.serve.protocol import ApiError, shown
 from lorakit.serve.registry import AdapterRecord, AdapterRegistry, check_name, resolve_under
 
 
@@ -94,7 +94,7 @@ class Service:
         """None for the base, the adapter name otherwise; 404 when neither exists."""
         if name == self.base_name:
             return None
-        missing = ApiError(404, f"The model `{name}` does not exist.", param="model",
+        missing = ApiError(404, f"The model `{shown(name)}` does not exist.", param="model",
                            code="model_not_found")
         try:
             check_name(name)

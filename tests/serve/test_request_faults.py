@@ -167,7 +167,7 @@ def test_openapi_json_describes_the_requests(llama, tokenizer, tmp_path):
     chat = models["ChatCompletionRequest"]["properties"]["messages"]
     assert chat["items"] == {"$ref": "#/components/schemas/Message"} and chat["minItems"] == 1
     assert models["Message"]["properties"]["role"]["enum"] == ["system", "user", "assistant",
-                                                                "developer"]
+                                                                "developer", "tool"]
     # What this server takes, so schemathesis's valid requests are valid here (it found each).
     assert props["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 8}
     assert props["n"]["anyOf"][0]["maximum"] == 2 and props["model"]["examples"] == ["tiny-base"]
@@ -261,3 +261,21 @@ def test_the_published_adapter_name_pattern_is_check_name():
         ecma = ADAPTER_NAME_PATTERN.removesuffix("$") + r"\Z"  # JSON Schema's $ is Python's \Z
         published = bool(re.search(ecma, name)) and 1 <= len(name) <= 128
         assert published == taken, name
+
+
+def test_error_messages_are_one_line(server, llama):
+    """A model name with a newline, or an adapter check's list of problems, made an error message
+    of several lines (found by tests/serve/test_http_fuzz.py)."""
+    from tests.adapters.test_check import MAG, edit_tensors
+    from tests.serve.builders import make_dora_adapter
+
+    http, service = server
+    err = _error(_complete(http, model="ad0\nINFO: forged log line"), 404)
+    assert err["message"] == "The model `ad0\\nINFO: forged log line` does not exist."
+    err = _error(_complete(http, model="a" * 10_000), 404)
+    assert len(err["message"]) < 200
+    make_dora_adapter(llama, service.adapters_root / "short")
+    edit_tensors(service.adapters_root / "short", lambda t: t.__setitem__(MAG, t[MAG][:-3].clone()))
+    err = _error(_complete(http, model="short"), 400)
+    assert "\n" not in err["message"] and "bad adapter tensors: base_model.model" in err["message"]
+    assert err["message"].count("length 61 (expected 64") >= 1
