@@ -144,7 +144,8 @@ def cmd_eval(args) -> int:
                    dtype=args.dtype, device=args.device, console=_console(),
                    quantize_base=args.quantize_base, baselines=args.baselines,
                    train_data=args.train_data, corpus=args.corpus, seed=args.seed,
-                   baseline_rows=args.baseline_rows, forgetting=args.forgetting)
+                   baseline_rows=args.baseline_rows, forgetting=args.forgetting,
+                   max_new_tokens=args.max_new_tokens)
     return 0
 
 
@@ -278,6 +279,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--corpus", help="passages (.jsonl with \"text\", or text) for retrieval:K as context")
     sp.add_argument("--baseline-rows", type=int, default=0, help="seeded subset of rows for the baselines")
     sp.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw and the subset")
+    sp.add_argument("--max-new-tokens", type=int, default=0, help="generation: greedy answer "
+                    "length (0: twice the longest expected answer + 16)")
     sp.add_argument("--forgetting", action="store_true", help="forgetting probe: the adapter against "
                     "the base on the shipped general prompts (lorakit/eval/forgetting.py)")
 

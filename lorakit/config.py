@@ -117,6 +117,7 @@ class EvalSection:
     # The forgetting probe beside the task score (lorakit/eval/forgetting.py): the adapter's
     # perplexity on the base's own answers to general prompts, and the share of answers unchanged.
     forgetting: bool = False
+    max_new_tokens: int = 0  # generation tasks: greedy answer length; 0 = 2 x longest expected + 16
 
 
 @dataclass
@@ -212,6 +213,8 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
         from lorakit.data.mix import mix_problems
 
         p += mix_problems(cfg.data.mix, cfg.data.replay)
+    if cfg.eval.max_new_tokens < 0:
+        p.append(f"eval.max_new_tokens: got {cfg.eval.max_new_tokens} (expected >= 0; 0 = from the answers)")
     if cfg.eval.baseline_rows < 0:
         p.append(f"eval.baseline_rows: got {cfg.eval.baseline_rows} (expected >= 0; 0 = all rows)")
     return p

@@ -104,3 +104,27 @@ def classification_report(y_true: list[str], y_pred: list[str], labels: list[str
         "weighted_f1": weighted("f1"),
         "confusion_matrix": matrix,
     }
+
+
+# -- generation: answers judged by their text --------------------------------------------------
+
+def normalise_answer(text: str) -> str:
+    """SQuAD's answer normalisation (Rajpurkar et al. 2016, the official evaluation script):
+    lower case, punctuation removed, the articles a/an/the removed, whitespace collapsed."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def match_scores(expected: list[str], answers: list[str]) -> dict:
+    """exact_match: the share of answers equal to the expected text (surrounding whitespace
+    ignored); normalised_match: equal after `normalise_answer`."""
+    if len(expected) != len(answers):
+        raise LorakitError(f"match_scores: {len(expected)} expected answers, {len(answers)} answers")
+    n = max(len(expected), 1)
+    exact = sum(e.strip() == a.strip() for e, a in zip(expected, answers))
+    normal = sum(normalise_answer(e) == normalise_answer(a) for e, a in zip(expected, answers))
+    return {"exact_match": exact / n, "normalised_match": normal / n}

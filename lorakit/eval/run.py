@@ -36,7 +36,7 @@ from lorakit.eval.metrics import classification_report
 
 MAX_CLASSES = 50
 MAX_LABEL_CHARS = 40
-REPORT_JSON, REPORT_MD = "report.json", "report.md"
+REPORT_JSON, REPORT_MD, ANSWERS_JSONL = "report.json", "report.md", "answers.jsonl"
 
 
 def answer_of(ex) -> str:
@@ -84,13 +84,17 @@ def _progress_bar(enabled: bool, description: str, total: int):
 
 def evaluate(model, tokenizer, examples, task: str = "auto", max_seq_len: int = 512,
              batch_size: int = 16, progress: bool = True, label_hint: bool = False,
-             labels: list[str] | None = None, end_token_id: int | None = None) -> dict:
+             labels: list[str] | None = None, end_token_id: int | None = None,
+             generate: bool = True, max_new_tokens: int = 0) -> dict:
     """Score one model on `examples` (a list of `lorakit.data.formats.Example`).
 
     `task` is "auto", "classification" or "generation". `labels` fixes the label set and its
     order (default: the distinct answers, sorted). Returns a JSON-ready dict with task, rows,
     loss, perplexity, tokens, seconds and, for classification, labels, y_true, predictions,
-    hinted_rows and report (see `metrics.classification_report`).
+    hinted_rows and report (see `metrics.classification_report`). For generation (with
+    `generate`) it also answers every row greedily (`lorakit.eval.generate`, batched) with up to
+    `max_new_tokens` (0: twice the longest expected answer's tokens plus 16) and adds answers,
+    expected, exact_match and normalised_match (`metrics.match_scores`).
     """
     from lorakit.data.render import encode_prompt
     from lorakit.eval.classify import predict_labels
@@ -124,6 +128,20 @@ def evaluate(model, tokenizer, examples, task: str = "auto", max_seq_len: int = 
                                          end_token_id=end_token_id, on_rows=advance)
         result.update(labels=labels, y_true=y_true, predictions=predictions,
                       report=classification_report(y_true, predictions, labels))
+    if task == "generation" and generate:
+        from lorakit.eval.generate import greedy_answers
+        from lorakit.eval.metrics import match_scores
+
+        expected = [answer_of(ex) for ex in examples]
+        if not max_new_tokens:
+            longest = max(len(tokenizer(e, add_special_tokens=False)["input_ids"]) for e in expected)
+            max_new_tokens = 2 * longest + 16
+        prompts = [encode_prompt(list(ex.messages[:-1]), tokenizer) for ex in examples]
+        with _progress_bar(progress, "generating", len(examples)) as advance:
+            answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                     end_token_id=end_token_id, on_rows=advance)
+        result.update(expected=expected, answers=answers, max_new_tokens=max_new_tokens,
+                      **match_scores(expected, answers))
     with _progress_bar(progress, "scoring loss", len(examples)) as advance:
         result.update(supervised_loss(model, tokenizer, examples, max_seq_len=max_seq_len,
                                       batch_size=batch_size, on_rows=advance))
@@ -162,6 +180,17 @@ def compare(base_result: dict, adapter_result: dict, labels: list[str] | None) -
         pairs = list(zip(right_b, right_a))
         out["agreement"] = {"both_right": pairs.count((True, True)), "adapter_only": pairs.count((False, True)),
                             "base_only": pairs.count((True, False)), "both_wrong": pairs.count((False, False))}
+    elif "answers" in base and "answers" in adapter:
+        from lorakit.eval.metrics import normalise_answer
+
+        for key in ("exact_match", "normalised_match"):
+            delta[key] = adapter[key] - base[key]
+        right_b = [normalise_answer(e) == normalise_answer(a) for e, a in zip(base["expected"], base["answers"])]
+        right_a = [normalise_answer(e) == normalise_answer(a) for e, a in zip(adapter["expected"], adapter["answers"])]
+        pairs = list(zip(right_b, right_a))
+        out["agreement"] = {"both_right": pairs.count((True, True)), "adapter_only": pairs.count((False, True)),
+                            "base_only": pairs.count((True, False)), "both_wrong": pairs.count((False, False))}
+        out["answers_changed"] = sum(a != b for a, b in zip(base["answers"], adapter["answers"]))
     out["delta"] = delta
     return out
 
@@ -201,6 +230,9 @@ def _tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     if classification:
         for metric, key in (("accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("weighted-F1", "weighted_f1")):
             line(metric, [r["report"][key] for _, r in cols], _pct, lambda d: f"{100 * d:+.1f} pts")
+    if all("exact_match" in r for _, r in cols):
+        for metric, key in (("exact match", "exact_match"), ("normalised match", "normalised_match")):
+            line(metric, [r[key] for _, r in cols], _pct, lambda d: f"{100 * d:+.1f} pts")
     line("loss", [r["loss"] for _, r in cols], _num, lambda d: f"{d:+.4f}")
     line("perplexity", [r["perplexity"] for _, r in cols], lambda v: _num(v, 3),
          lambda d: f"{d:+.3f}" if math.isfinite(d) else "")
@@ -252,6 +284,9 @@ def to_markdown(results: dict) -> str:
         from lorakit.eval.forgetting import summary_line
 
         lines += [summary_line(results["forgetting"]).capitalize() + ".", ""]
+    if "answers_changed" in results:
+        lines += [f"The adapter's answer differs from the base's on {results['answers_changed']} of "
+                  f"{first['rows']} rows (every answer: {ANSWERS_JSONL}).", ""]
     if "agreement" in results:
         a = results["agreement"]
         lines += [f"Rows only the adapter gets right: {a['adapter_only']}; only the base: "
@@ -275,11 +310,33 @@ def _json_ready(obj):
     return obj
 
 
-def write_report(results: dict, out_dir) -> tuple[Path, Path]:
-    """Write report.json (everything, including per-row predictions) and report.md into out_dir."""
+def answer_rows(results: dict, examples=None) -> list[dict] | None:
+    """Per row of a generation report: prompt, expected, and each column's answer (base,
+    adapter), or None when no column generated answers."""
+    cols = [(name, r) for name, r in _columns(results) if "answers" in r]
+    if not cols:
+        return None
+    rows = []
+    for i, expected in enumerate(cols[0][1]["expected"]):
+        row = {"row": i + 1}
+        if examples is not None:
+            row["prompt"] = "\n\n".join(m["content"] for m in examples[i].messages[:-1])
+        row["expected"] = expected
+        row.update({name: r["answers"][i] for name, r in cols})
+        rows.append(row)
+    return rows
+
+
+def write_report(results: dict, out_dir, examples=None) -> tuple[Path, Path]:
+    """Write report.json (everything, including per-row predictions) and report.md into out_dir;
+    for generation also answers.jsonl (prompt, expected, base and adapter answer per row, the
+    prompt when `examples` are given)."""
     out = make_folder(Path(out_dir), "report folder")
     md = to_markdown(results)
     json_path, md_path = out / REPORT_JSON, out / REPORT_MD
+    rows = answer_rows(results, examples)
+    if rows is not None:
+        write_text(out / ANSWERS_JSONL, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write_text(json_path, json.dumps(_json_ready(results), indent=2, ensure_ascii=False) + "\n")
     write_text(md_path, md)
     return json_path, md_path

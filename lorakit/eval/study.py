@@ -23,7 +23,7 @@ def evaluate_model(model, tokenizer, examples, out_dir: str | Path, task: str = 
                    console=None, base_model=None, fine_tuned: bool | None = None,
                    baselines: str | None = None, train_examples=None, corpus: str | None = None,
                    seed: int = 0, baseline_rows: int = 0, forgetting: bool = False,
-                   system_prompt: str | None = None) -> dict:
+                   system_prompt: str | None = None, max_new_tokens: int = 0) -> dict:
     """Evaluate the adapter (and the base, with `compare_base`) and write the report.
 
     `fine_tuned` says whether `model` is a trained model (default: it has LoRA layers). A trained
@@ -52,14 +52,14 @@ def evaluate_model(model, tokenizer, examples, out_dir: str | Path, task: str = 
         if console:
             console.print(f"[bold]evaluating the base model[/] on {len(examples)} rows")
         results["base"] = evaluate(base, tokenizer, examples, task=task, max_seq_len=max_seq_len,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens)
         set_adapters_enabled(base, True)
     if fine_tuned:
         if console:
             what = "the adapter" if has_adapter else "the fine-tuned model"
             console.print(f"[bold]evaluating {what}[/] on {len(examples)} rows")
         results["adapter"] = evaluate(model, tokenizer, examples, task=task, max_seq_len=max_seq_len,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, max_new_tokens=max_new_tokens)
     if "base" in results and "adapter" in results:
         labels = results["adapter"].get("labels") or results["base"].get("labels")
         report = compare(results["base"], results["adapter"], labels)
@@ -77,7 +77,7 @@ def evaluate_model(model, tokenizer, examples, out_dir: str | Path, task: str = 
         report["baselines"] = _baselines(model, tokenizer, examples, report, baseline_list,
                                          train_examples, corpus, seed, baseline_rows, batch_size,
                                          out_dir, base_model, fine_tuned, console)
-    json_path, md_path = write_report(report, out_dir)
+    json_path, md_path = write_report(report, out_dir, examples)
     if console:
         print_report(report, console=console, full_report=str(md_path))
         console.print(f"report: {md_path} and {json_path}")
@@ -141,7 +141,7 @@ def evaluate_run(cfg, adapter_dir, model=None, tokenizer=None, console=None) -> 
                           train_examples=_train_rows(cfg) if cfg.eval.baselines else None,
                           corpus=cfg.eval.corpus, seed=cfg.data.seed,
                           baseline_rows=cfg.eval.baseline_rows, forgetting=cfg.eval.forgetting,
-                          system_prompt=cfg.data.system_prompt)
+                          system_prompt=cfg.data.system_prompt, max_new_tokens=cfg.eval.max_new_tokens)
 
 
 def _train_rows(cfg) -> list:
@@ -154,7 +154,7 @@ def evaluate_files(model_spec: str, adapter_dir: str | None, data: str, out_dir:
                    max_examples: int = 0, dtype: str = "auto", device: str = "auto",
                    console=None, quantize_base: str | None = None, baselines: str | None = None,
                    train_data: str | None = None, corpus: str | None = None, seed: int = 0,
-                   baseline_rows: int = 0, forgetting: bool = False) -> dict:
+                   baseline_rows: int = 0, forgetting: bool = False, max_new_tokens: int = 0) -> dict:
     """`lorakit eval`: a model spec, an optional adapter, a data file (`quantize_base="nf4"`:
     on the NF4 base a QLoRA adapter was trained on); `baselines` draw from `train_data`."""
     from lorakit.eval.baselines import parse_baselines
@@ -183,4 +183,4 @@ def evaluate_files(model_spec: str, adapter_dir: str | None, data: str, out_dir:
                           console=console, baselines=baselines,
                           train_examples=load_examples(train_data) if train_data else None,
                           corpus=corpus, seed=seed, baseline_rows=baseline_rows,
-                          forgetting=forgetting and bool(adapter_dir))
+                          forgetting=forgetting and bool(adapter_dir), max_new_tokens=max_new_tokens)

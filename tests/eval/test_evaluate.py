@@ -98,13 +98,13 @@ def test_label_hint_only_where_the_prompt_misses_labels(tokenizer, llama):
     assert r["predictions"] == predict_labels_reference(llama, tokenizer, prompts, LABELS)
 
 
-def test_generation_task_reports_loss_only(tokenizer, llama):
+def test_generation_task_reports_loss_and_answers(tokenizer, llama):
     rows = [("hello", "the quick brown fox jumps over the lazy dog and then some more"),
             ("what colour", "it is brown, with a few scratches on the table top")]
     examples = _examples(rows, system=None)
     assert detect_task(examples) == "generation"
     r = evaluate(llama, tokenizer, examples, progress=True)
-    assert r["task"] == "generation" and "predictions" not in r
+    assert r["task"] == "generation" and "predictions" not in r and len(r["answers"]) == 2
     assert r["loss"] == pytest.approx(_manual_loss(llama, tokenizer, examples, 512)[0], rel=1e-5)
 
 
