@@ -34,7 +34,9 @@ from lorakit.serve.protocol import (
     RegisterAdapter, chat_body, chunk_body, completion_body, new_id, parse_json, parse_request,
     usage, usage_chunk, validate,
 )
+from lorakit.serve.logprobs import chat_logprobs, completion_logprobs
 from lorakit.serve.service import Service, build_service
+from lorakit.serve.tools import CallStream, answer_grammar, parse_answer
 
 log = logging.getLogger("lorakit.serve")
 
@@ -270,8 +272,10 @@ def create_app(service: Service, run_engine: bool = True):
         body = await _read_json(request, limits.max_body_bytes)
         req = parse_request(body, chat, limits)
         adapter = await run_in_threadpool(service.resolve_model, req.model)
+        grammar = None
         if chat:
-            prompts = [await run_in_threadpool(service.encode_chat, req.messages)]
+            grammar = await run_in_threadpool(answer_grammar, req, service.grammar)
+            prompts = [await run_in_threadpool(service.encode_chat, req.messages, req.tools)]
         else:
             prompts = [service.encode_prompt(p) for p in req.prompts]
         for ids in prompts:
@@ -285,8 +289,10 @@ def create_app(service: Service, run_engine: bool = True):
                 if req.n > 1 and params.seed is not None:  # n seeded choices must still differ
                     params = type(params)(**{**params.__dict__, "seed": params.seed + k})
                 index = len(jobs)
+                constraint = service.grammar.constraint(grammar) if grammar else None
                 jobs.append(Request(ids, adapter, params, on_event=lambda kind, x, i=index:
-                                    loop.call_soon_threadsafe(events.put_nowait, (i, kind, x))))
+                                    loop.call_soon_threadsafe(events.put_nowait, (i, kind, x)),
+                                    constraint=constraint))
         try:
             for job in jobs:
                 service.engine.submit(job)
@@ -313,9 +319,33 @@ def create_app(service: Service, run_engine: bool = True):
             for job in jobs:
                 if not job.finished:
                     service.engine.cancel(job)
-        choices = [(job.text, job.finish_reason) for job in jobs]
+        choices = [_choice(job, req, chat) for job in jobs]
         use = usage(prompt_tokens * req.n, sum(len(j.output_ids) for j in jobs))
         return (chat_body if chat else completion_body)(rid, req.model, choices, use)
+
+    def _choice(job: Request, req, chat: bool) -> tuple:
+        """(text, finish_reason, extra) of a finished job: tool calls read out of the answer
+        when tools were offered, logprobs when asked for."""
+        extra, text, reason = {}, job.text, job.finish_reason
+        if job.params.logprobs is not None:
+            extra["logprobs"] = (chat_logprobs if chat else completion_logprobs)(
+                service.tokenizer, job.logprobs)
+        if chat and req.tools:
+            text, calls = parse_answer(job.text)
+            if calls:
+                extra["tool_calls"], reason = calls, "tool_calls"
+        return text, reason, extra
+
+    def _stream_logprobs(job: Request, chat: bool, sent: list[int], i: int):
+        """The logprobs of the job's tokens not yet streamed (None when not asked for)."""
+        if job.params.logprobs is None:
+            return None
+        entries = job.logprobs[sent[i]:]
+        offset = len(service.tokenizer.decode([e[0] for e in job.logprobs[:sent[i]]])) \
+            if not chat and sent[i] else 0
+        sent[i] += len(entries)
+        return (chat_logprobs(service.tokenizer, entries) if chat
+                else completion_logprobs(service.tokenizer, entries, offset))
 
     async def _cancel_on_disconnect(request: HttpRequest, jobs: list[Request]) -> None:
         """Wait for the client to go away (the body is read: what comes next is the disconnect),
@@ -327,6 +357,8 @@ def create_app(service: Service, run_engine: bool = True):
 
     async def _stream(rid, req, chat, jobs, events, prompt_tokens):
         pending = set(range(len(jobs)))
+        calls = [CallStream() for _ in jobs] if chat and req.tools else None
+        sent = [0] * len(jobs)  # logprob entries streamed per choice
         try:
             if chat:
                 for i in range(len(jobs)):
@@ -334,9 +366,21 @@ def create_app(service: Service, run_engine: bool = True):
             while pending:
                 i, kind, x = await events.get()
                 if kind == "text":
-                    yield _sse(chunk_body(rid, req.model, chat, i, x, None))
+                    deltas = None
+                    if calls is not None:
+                        x, deltas = calls[i].feed(x)
+                    if x or deltas or jobs[i].params.logprobs is not None:
+                        yield _sse(chunk_body(rid, req.model, chat, i, x, None,
+                                              logprobs=_stream_logprobs(jobs[i], chat, sent, i),
+                                              tool_calls=deltas))
                 elif kind == "done":
                     pending.discard(i)
+                    rest = calls[i].finish() if calls is not None else None
+                    if x == "stop" and calls is not None and calls[i].called:
+                        x = "tool_calls"
+                    last = _stream_logprobs(jobs[i], chat, sent, i)
+                    if rest or (last and (last.get("content") or last.get("tokens"))):
+                        yield _sse(chunk_body(rid, req.model, chat, i, rest, None, logprobs=last))
                     yield _sse(chunk_body(rid, req.model, chat, i, None, x))
                 else:
                     pending.discard(i)

@@ -8,7 +8,9 @@ compute only the rest of their prompt), joins them to the running batch's cache,
 decode step for every row, and retires the rows that finished. A request that arrives while
 others decode therefore joins at the next step, and a finished one leaves at once. Rows of
 different adapters share each forward pass through the per-row slot index of `MultiLoraLinear`
-(lorakit/serve/layer.py).
+(lorakit/serve/layer.py). Rows with a grammar (`Request.constraint`: a JSON schema, tool calls)
+share it too: their logits are masked per row before sampling (lorakit/serve/grammar.py), and a
+row whose grammar is complete ends as if it had drawn its end of turn.
 
 One engine thread owns the model, the KV cache and the adapter slots. Other threads `submit`
 requests and receive events through each request's `on_event` callback; admin operations that
@@ -48,8 +50,10 @@ from lorakit.serve.cache import AdapterCache
 from lorakit.serve.kvcache import BatchKV, left_pad, positions_from_mask
 from lorakit.serve.layer import SlotBatch
 from lorakit.serve.prefix import PrefixCache
+from lorakit.serve.grammar import mask_logits
 from lorakit.serve.sampling import (
-    SamplingError, SamplingParams, find_stop, make_generator, next_tokens, safe_prefix_len,
+    SamplingError, SamplingParams, adjust_logits, find_stop, make_generator, next_tokens,
+    safe_prefix_len, top_logprobs,
 )
 
 
@@ -64,13 +68,15 @@ class Request:
     """One generation: its prompt ids, adapter (None = base), sampling, and what it produced."""
 
     def __init__(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams,
-                 on_event: Callable[[str, object], None] | None = None):
+                 on_event: Callable[[str, object], None] | None = None, constraint=None):
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.adapter = adapter
         self.params = params
         self.on_event = on_event  # called on the engine thread: ("text", str) / ("done", reason)
         self.generator = make_generator(params.seed)
+        self.constraint = constraint  # a grammar.Constraint: the tokens this row may draw
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # with params.logprobs
         self.slot = -1
         self.output_ids: list[int] = []
         self.text = ""
@@ -426,24 +432,43 @@ class Engine:
         self._take(self.running, logits)
 
     def _take(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        tokens = next_tokens(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        params = [r.params for r in reqs]
+        raw = logits
+        logits = adjust_logits(logits, params, [r.output_ids for r in reqs])
+        logits = mask_logits(logits, [r.constraint for r in reqs])
+        tokens = next_tokens(logits, params, [r.generator for r in reqs])
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        logprobs = dict(zip(wanted, raw[wanted].float().log_softmax(-1))) if wanted else {}
         now = time.monotonic()
         self.generated_tokens += len(tokens)
         self._recent.append((now, len(tokens)))
-        for req, token in zip(reqs, tokens):
+        for row, (req, token) in enumerate(zip(reqs, tokens)):
             if isinstance(token, SamplingError):  # this row alone; `_retire` drops it
                 self._fail(req, token if req.adapter is None else AdapterError(
                     f"adapter {req.adapter!r} failed on this request: {token}"))
                 continue
             if req.first_token_at is None:
                 req.first_token_at = now
-            self._append(req, token)
+            end = token in self.eos_ids and (not req.params.ignore_eos or req.constraint is not None)
+            if row in logprobs and not end:
+                req.logprobs.append((token, *top_logprobs(logprobs[row], token,
+                                                          req.params.logprobs)))
+            if req.constraint is not None and not end:
+                refused = req.constraint.accept(token)
+                if refused is not None:
+                    self._fail(req, SamplingError(f"the grammar refused token {token}: {refused}"))
+                    continue
+            self._append(req, token, end)
+            if req.constraint is not None and not req.finished and req.constraint.finished:
+                self._stream(req, final=True)  # the grammar is complete: nothing may follow
+                self._finish(req, "stop")
 
-    def _append(self, req: Request, token: int) -> None:
-        """Add one token; decide whether the request ends (end of turn, stop string, length)."""
+    def _append(self, req: Request, token: int, end: bool | None = None) -> None:
+        """Add one token; decide whether the request ends (end of turn, stop string, length).
+        `end`: the token ends the turn (default: an end-of-turn token, unless ignore_eos)."""
         req.output_ids.append(token)
         p = req.params
-        if token in self.eos_ids and not p.ignore_eos:
+        if end if end is not None else (token in self.eos_ids and not p.ignore_eos):
             req.output_ids.pop()  # the end-of-turn token is not part of the answer
             self._stream(req, final=True)
             self._finish(req, "stop")

@@ -31,6 +31,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from lorakit.serve.config import Limits
 from lorakit.serve.sampling import SamplingParams
+from lorakit.serve.tools import ResponseFormat, Tool, ToolCall, ToolChoice, check_tools
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # a seed is a signed 64-bit integer, as in OpenAI's API
 
@@ -160,9 +161,12 @@ class TextPart(_Strict):
 
 
 class Message(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = Field(
+        None, description="text (null only for an assistant message with tool_calls)")
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's tool calls")
+    tool_call_id: str | None = Field(None, description="the call a role: tool message answers")
 
 
 class _Sampling(_Strict):
@@ -178,8 +182,10 @@ class _Sampling(_Strict):
         None, description="a non-empty string or a list of them")
     seed: Integer(ge=INT64_MIN, le=INT64_MAX) | None = None
     user: str | None = None
-    presence_penalty: float | None = _only(0, description="only 0 is supported")
-    frequency_penalty: float | None = _only(0, description="only 0 is supported")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (as a string) -> bias from -100 to 100")
     ignore_eos: bool | None = Field(False, description="keep generating past end of turn (vLLM)")
 
 
@@ -189,7 +195,7 @@ class CompletionRequest(_Sampling):
     prompt: NonEmpty | Annotated[list[TokenId], Field(min_length=1)] \
         | Annotated[list[NonEmpty], Field(min_length=1)] = Field(
             description="a string, a list of strings, or a list of token ids")
-    logprobs: Integer(ge=0) | None = _only(0, description="not supported: null or 0")
+    logprobs: Integer(ge=0, le=5) | None = Field(None, description="0 to 5 most likely tokens")
     echo: bool | None = _only(False, description="not supported: null or false")
     suffix: str | None = _only(description="not supported: null")
     best_of: Integer(ge=1) | None = _only(1, description="not supported: null or 1")
@@ -201,8 +207,15 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)] = Field(
         description="a non-empty list of {role, content} objects")
     max_completion_tokens: Integer(ge=1) | None = Field(None, description="OpenAI's newer max_tokens")
-    logprobs: bool | None = _only(False, description="not supported: null or false")
-    top_logprobs: Integer(ge=0) | None = _only(0, description="not supported: null or 0")
+    logprobs: bool | None = None
+    top_logprobs: Integer(ge=0, le=20) | None = Field(
+        None, description="0 to 20, with logprobs: true")
+    response_format: ResponseFormat | None = Field(
+        None, description="{type: text}, {type: json_object} or {type: json_schema, json_schema}")
+    tools: list[Tool] | None = Field(None, description="a list of {type: function, function}")
+    tool_choice: ToolChoice | None = Field(
+        None, description="none, auto, required, or {type: function, function: {name}}")
+    parallel_tool_calls: bool | None = None
 
 
 class RegisterAdapter(_Strict):
@@ -293,17 +306,30 @@ class GenerationRequest:
     include_usage: bool = False
     prompts: list[str | list[int]] = field(default_factory=list)  # completions
     messages: list[dict] | None = None  # chat
+    response_format: ResponseFormat | None = None  # chat: a JSON answer
+    tools: list[Tool] | None = None  # chat: the functions offered (None when tool_choice is none)
+    tool_choice: object = "auto"  # "auto", "required" or a named function (tools.ToolChoice)
+    parallel_tool_calls: bool = True
 
 
 def parse_request(body: object, chat: bool, limits: Limits) -> GenerationRequest:
     """Check a /v1/completions or /v1/chat/completions body against the API and the limits."""
     req = validate(ChatCompletionRequest if chat else CompletionRequest, body)
-    for key in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, key) not in (None, 0):
-            raise ApiError(400, f"{key}: not supported (expected 0 or absent)", param=key)
-    for key in ("logprobs", "echo", "suffix", "top_logprobs"):
+    for key in ("echo", "suffix"):
         if getattr(req, key, None) not in (None, False, 0):
             raise ApiError(400, f"{key}: not supported by this server", param=key)
+    logit_bias = {}
+    for key, bias in (req.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or len(key) > 12:
+            raise ApiError(400, f"logit_bias: key {_short.repr(key)} is not a token id (expected "
+                           "a decimal token id as a string)", param="logit_bias")
+        logit_bias[int(key)] = bias
+    if chat:
+        if req.top_logprobs and not req.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        logprobs = req.logprobs
     if getattr(req, "best_of", None) not in (None, 1):
         raise ApiError(400, "best_of: not supported (expected 1 or absent)", param="best_of")
 
@@ -326,14 +352,19 @@ def parse_request(body: object, chat: bool, limits: Limits) -> GenerationRequest
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=max(0, req.top_k or 0), seed=req.seed, stop=stop, ignore_eos=bool(req.ignore_eos))
+        top_k=max(0, req.top_k or 0), seed=req.seed, stop=stop, ignore_eos=bool(req.ignore_eos),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0, logit_bias=logit_bias, logprobs=logprobs)
     options = req.stream_options or StreamOptions()
     out = GenerationRequest(model=req.model, params=params, n=n, stream=bool(req.stream),
                             include_usage=options.include_usage)
     if chat:
-        out.messages = [{"role": "system" if m.role == "developer" else m.role,
-                         "content": m.content if isinstance(m.content, str)
-                         else "".join(p.text for p in m.content)} for m in req.messages]
+        check_tools(req)  # tools, tool_choice, response_format and the tool messages agree
+        out.messages = [_message(m) for m in req.messages]
+        out.response_format = req.response_format
+        out.tool_choice = req.tool_choice or "auto"
+        out.tools = None if out.tool_choice == "none" else req.tools
+        out.parallel_tool_calls = req.parallel_tool_calls is not False
     elif isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str):
         if len(req.prompt) > limits.max_prompts:
             raise ApiError(422, f"prompt: {len(req.prompt)} prompts, above the limit of "
@@ -341,6 +372,22 @@ def parse_request(body: object, chat: bool, limits: Limits) -> GenerationRequest
         out.prompts = list(req.prompt)
     else:
         out.prompts = [req.prompt if isinstance(req.prompt, str) else list(req.prompt)]
+    return out
+
+
+def _message(m: Message) -> dict:
+    """A checked message as the chat template takes it (tool calls with parsed arguments)."""
+    content = m.content if isinstance(m.content, str) or m.content is None \
+        else "".join(p.text for p in m.content)
+    out = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+            "name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+            for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None and m.role == "tool":
+        out["name"] = m.name
     return out
 
 
@@ -353,33 +400,48 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(rid: str, model: str, choices: list[tuple[str, str]], use: dict) -> dict:
-    """`choices` = [(text, finish_reason)] in index order."""
+def completion_body(rid: str, model: str, choices: list[tuple], use: dict) -> dict:
+    """`choices` = [(text, finish_reason)] or [(text, finish_reason, extra)] in index order;
+    `extra` may hold `logprobs`."""
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                        for i, (text, reason) in enumerate(choices)],
+            "choices": [{"index": i, "text": c[0], "logprobs": (c[2] if len(c) > 2 else {}).get(
+                "logprobs"), "finish_reason": c[1]} for i, c in enumerate(choices)],
             "usage": use}
 
 
-def chat_body(rid: str, model: str, choices: list[tuple[str, str]], use: dict) -> dict:
+def chat_body(rid: str, model: str, choices: list[tuple], use: dict) -> dict:
+    """`choices` as `completion_body`'s; `extra` may also hold `tool_calls` (the message's
+    content is then null unless the model also wrote text, as OpenAI answers a call)."""
+    out = []
+    for i, c in enumerate(choices):
+        extra = c[2] if len(c) > 2 else {}
+        message = {"role": "assistant", "content": c[0]}
+        if extra.get("tool_calls"):
+            message = {"role": "assistant", "content": c[0] or None,
+                       "tool_calls": extra["tool_calls"]}
+        out.append({"index": i, "message": message, "logprobs": extra.get("logprobs"),
+                    "finish_reason": c[1]})
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": reason}
-                        for i, (text, reason) in enumerate(choices)],
-            "usage": use}
+            "choices": out, "usage": use}
 
 
 def chunk_body(rid: str, model: str, chat: bool, index: int, text: str | None,
-               finish_reason: str | None, first: bool = False) -> dict:
-    """One server-sent event's JSON: a text delta and/or the finish reason of one choice."""
+               finish_reason: str | None, first: bool = False, logprobs: dict | None = None,
+               tool_calls: list[dict] | None = None) -> dict:
+    """One server-sent event's JSON: a text delta, tool call deltas and/or the finish reason of
+    one choice."""
     if chat:
         delta = {"role": "assistant", "content": ""} if first else {}
         if text:
             delta["content"] = text
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
+        choice = {"index": index, "delta": delta, "logprobs": logprobs,
+                  "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs,
+                  "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
 

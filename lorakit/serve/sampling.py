@@ -11,6 +11,13 @@ Rows are independent: a row whose logits are not finite (NaN or +inf, e.g. from 
 weights overflow) or whose draw fails gets a `SamplingError` instead of a token, and the engine
 fails that request alone.
 
+Before sampling, a row's logits may be adjusted as OpenAI's API defines: `logit_bias` adds a
+bias to named token ids, and `presence_penalty` / `frequency_penalty` subtract
+`frequency_penalty * count[j] + presence_penalty * (count[j] > 0)` from token j's logit, counting
+the tokens the row has generated so far (OpenAI's text generation guide; vLLM counts output
+tokens the same way). `logprobs` are the model's own log-probabilities (log-softmax of the raw
+logits, before bias, penalties, constraints or temperature), as vLLM's default `raw_logprobs`.
+
 Stop strings follow vLLM's detokenizer rules: the text is decoded from all generated ids each
 step (so multi-byte characters split across tokens come out whole), a stop string ends the
 sequence and is not returned, and streamed text holds back any tail that could still become a
@@ -40,6 +47,10 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None = off; k = the chosen token's and the k most likely ones
 
     @property
     def greedy(self) -> bool:
@@ -70,6 +81,49 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         remove = torch.zeros_like(remove_sorted).scatter(0, order, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
     return logits
+
+
+def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],
+                  outputs: list[list[int]]) -> torch.Tensor:
+    """logits (B, V) after each row's `logit_bias` and presence / frequency penalties (a new
+    tensor when any row has one; the input otherwise)."""
+    rows = [i for i, p in enumerate(params)
+            if p.logit_bias or p.presence_penalty or p.frequency_penalty]
+    if not rows:
+        return logits
+    logits = logits.float().clone()  # (B, V)
+    vocab = logits.shape[-1]
+    for i in rows:
+        p = params[i]
+        if p.logit_bias:
+            ids = [t for t in p.logit_bias if t < vocab]
+            if ids:
+                logits[i, ids] += torch.tensor([p.logit_bias[t] for t in ids], device=logits.device)
+        if (p.presence_penalty or p.frequency_penalty) and outputs[i]:
+            counts = torch.bincount(torch.tensor(outputs[i], device=logits.device),
+                                    minlength=vocab)[:vocab].float()  # (V,)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def adjust_logits_reference(logits: torch.Tensor, params: list[SamplingParams],
+                            outputs: list[list[int]]) -> torch.Tensor:
+    """The plain loop `adjust_logits` batches, token by token as OpenAI's guide writes it."""
+    out = logits.float().clone()
+    for i, (p, generated) in enumerate(zip(params, outputs)):
+        for tok in range(out.shape[-1]):
+            count = generated.count(tok)
+            out[i, tok] += p.logit_bias.get(tok, 0.0)
+            out[i, tok] -= p.frequency_penalty * count + p.presence_penalty * (count > 0)
+    return out
+
+
+def top_logprobs(logprobs: torch.Tensor, chosen: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """From one row's log-probabilities (V,): the chosen token's and the k most likely
+    (id, logprob), most likely first."""
+    top = torch.topk(logprobs, k) if k else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return float(logprobs[chosen]), pairs
 
 
 def next_tokens(logits: torch.Tensor, params: list[SamplingParams],

@@ -16,6 +16,7 @@ from lorakit.adapters.check import BaseModules
 from lorakit.serve.cache import AdapterCache
 from lorakit.serve.config import ServeConfig
 from lorakit.serve.engine import Engine
+from lorakit.serve.grammar import GrammarCompiler
 from lorakit.serve.layer import resident_bytes, wrap_for_serving
 from lorakit.serve.packed import pack_linear_weights
 from lorakit.serve.prefix import PrefixCache
@@ -63,6 +64,7 @@ class Service:
                              max_running=config.limits.max_concurrent,
                              max_waiting=config.limits.max_queue, prefix_cache=prefix)
         self.vocab_size = len(tokenizer)
+        self.grammar = GrammarCompiler(tokenizer, self.engine.eos_ids)  # response_format, tools
 
     @classmethod
     def from_model(cls, model, tokenizer, config: ServeConfig, base_name: str | None = None,
@@ -126,11 +128,17 @@ class Service:
             return list(prompt)
         return self.tokenizer(prompt)["input_ids"]
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        """The chat template's prompt; with `tools`, the family's own tool template where the
+        template takes `tools=`, else lorakit/serve/tools.py's fallback."""
+        from lorakit.serve.tools import chat_template_args
+
         if not getattr(self.tokenizer, "chat_template", None):
             raise ApiError(400, f"the model {self.base_name} has no chat template; use "
                            "/v1/completions", param="messages")
-        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        messages, extra = chat_template_args(self.tokenizer, messages, tools)
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True, **extra)
         return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
 
     def check_length(self, prompt_ids: list[int], max_tokens: int) -> None:
