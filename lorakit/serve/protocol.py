@@ -216,6 +216,8 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: ToolChoice | None = Field(
         None, description="none, auto, required, or {type: function, function: {name}}")
     parallel_tool_calls: bool | None = None
+    guided_choice: Annotated[list[NonEmpty], Field(min_length=1, max_length=256)] | None = Field(
+        None, description="the answer is exactly one of these strings (vLLM)")
 
 
 class RegisterAdapter(_Strict):
@@ -310,6 +312,7 @@ class GenerationRequest:
     tools: list[Tool] | None = None  # chat: the functions offered (None when tool_choice is none)
     tool_choice: object = "auto"  # "auto", "required" or a named function (tools.ToolChoice)
     parallel_tool_calls: bool = True
+    guided_choice: list[str] | None = None  # chat: the answer is one of these (vLLM's extension)
 
 
 def parse_request(body: object, chat: bool, limits: Limits) -> GenerationRequest:
@@ -362,6 +365,7 @@ def parse_request(body: object, chat: bool, limits: Limits) -> GenerationRequest
         check_tools(req)  # tools, tool_choice, response_format and the tool messages agree
         out.messages = [_message(m) for m in req.messages]
         out.response_format = req.response_format
+        out.guided_choice = req.guided_choice
         out.tool_choice = req.tool_choice or "auto"
         out.tools = None if out.tool_choice == "none" else req.tools
         out.parallel_tool_calls = req.parallel_tool_calls is not False

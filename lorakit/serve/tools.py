@@ -15,6 +15,8 @@ The answer is decoded under a grammar (lorakit/serve/grammar.py), as vLLM does w
 valid under its function's `parameters` schema; a named function allows exactly one call to it;
 `auto` allows either plain text (which may not begin with `<`) or calls, so once the model
 starts a call its arguments are constrained too; `parallel_tool_calls: false` allows one call.
+vLLM's `guided_choice` extension (the answer is exactly one of a list of strings) is taken too:
+a classifier adapter answers with its own label text, with no JSON around it.
 """
 
 from __future__ import annotations
@@ -191,6 +193,11 @@ def answer_grammar(req, compiler) -> str | None:
             raise _error(f"response_format.json_schema.schema: cannot be compiled ({e})",
                          "response_format.json_schema.schema") from None
     tools = req.tools or []
+    if req.guided_choice:
+        if tools or answer is not None:
+            raise _error("guided_choice: not with tools or a JSON response_format (choose one)",
+                         "guided_choice")
+        return compiler.lark("start: " + " | ".join(json.dumps(c) for c in req.guided_choice))
     if not tools:
         return None if answer is None else compiler.json_schema(answer)
     for i, tool in enumerate(tools):
@@ -244,7 +251,10 @@ TOOLS_SYSTEM = (  # Qwen2.5's chat template's words for its tools block
 
 
 def call_block(name: str, arguments: dict) -> str:
-    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
+    """A call as the model writes it under the grammar (compact JSON), so past calls in the
+    prompt read as the model's own."""
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments},
+                                         separators=(",", ":"), ensure_ascii=False) + "\n</tool_call>"
 
 
 def fallback_messages(messages: list[dict], tools: list[Tool] | None) -> list[dict]:

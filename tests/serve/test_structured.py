@@ -233,3 +233,14 @@ def assert_400_naming(url: str, cases: list[tuple[dict, str]]) -> None:
 
 def test_malformed_structured_requests_are_400_naming_the_field(server):
     assert_400_naming(server[0].url, MALFORMED)
+
+
+def test_guided_choice_answers_one_of_the_strings(server):
+    c = client(server[0].url)
+    labels = ["price negotiation", "item availability", "prompt injection"]
+    for k, model in enumerate(["tiny-base", "ad0", "ad1"]):
+        out = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=30, temperature=1.0, seed=k,
+                                        extra_body={"guided_choice": labels})
+        assert out.choices[0].message.content in labels
+        assert out.choices[0].finish_reason == "stop"

@@ -129,8 +129,8 @@ def test_tool_turns_in_the_conversation(server, tokenizer):
              "function": {"name": "lookup_item", "arguments": {"query": "bike"}}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "found"}], None)
     assert extra == {}
-    assert messages[1]["content"] == ('<tool_call>\n{"name": "lookup_item", "arguments": '
-                                      '{"query": "bike"}}\n</tool_call>')
+    assert messages[1]["content"] == ('<tool_call>\n{"name":"lookup_item","arguments":'
+                                      '{"query":"bike"}}\n</tool_call>')
     assert messages[2] == {"role": "user", "content": "<tool_response>\nfound\n</tool_response>"}
 
 
