@@ -41,3 +41,26 @@ def ui_server(root: Path, api_key: str | None = None):
             yield server.url, service, runs
     finally:
         runs.shutdown()
+
+
+def make_sweep(root: Path) -> Path:
+    """A real two-trial sweep of tiny models (in this process) under root/sweep, plotted as
+    `lorakit sweep` does; returns its results.jsonl."""
+    import yaml
+
+    from lorakit.sweep.plot import plot_results
+    from lorakit.sweep.run import run_sweep
+    from tests.sweep.test_run import TinyModels
+
+    base = {"model": {"dtype": "fp32", "device": "cpu"},
+            "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+            "data": {"train": str(root / "data" / "train.jsonl"), "max_seq_len": 64,
+                     "val_fraction": 0.25},
+            "train": {"batch_size": 4, "max_steps": 4, "eval_every": 2, "save_every": 4}}
+    sweep = root / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"base": base, "output_dir": str(root / "sweep"),
+                                     "grid": {"train.lr": [3e-3, 1e-2]}}, sort_keys=False))
+    result = run_sweep(sweep, model_factory=TinyModels(), progress=False)
+    assert result.failed == 0
+    plot_results(result.results_path)
+    return result.results_path

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ui.helpers import make_workspace, ui_server
+from tests.ui.helpers import make_sweep, make_workspace, ui_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -57,6 +57,8 @@ def test_life_of_an_adapter_in_the_browser(tmp_path):
 
     shots = os.environ.get("LORAKIT_UI_SCREENSHOTS")
     root = make_workspace(tmp_path / "work")
+    if shots:  # the Adapters screen's picture shows a sweep too
+        make_sweep(root)
     base_answer = _generate(root, None)  # runs while the browser works
     with ui_server(root) as (url, _service, _runs), sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -119,6 +121,14 @@ def test_life_of_an_adapter_in_the_browser(tmp_path):
             accuracy = f"{100 * report[column]['report']['accuracy']:.1f}%"
             expect(page.locator(f"#eval-summary td[data-col='{column}'][data-metric='accuracy']")
                    ).to_have_text(accuracy)
+        adapter = report["adapter"]["report"]
+        label = report["labels"][0]
+        expect(page.locator(f"#eval-per-class td[data-col='adapter'][data-class='{label}']"
+                            "[data-metric='F1']")).to_have_text(
+            f"{100 * adapter['per_class'][label]['f1']:.1f}%")
+        counts = [int(x) for x in page.eval_on_selector_all(
+            "#eval-heatmap rect.hm-cell", "cells => cells.map(c => c.dataset.count)")]
+        assert counts == [v for row in adapter["confusion_matrix"] for v in row]
         wrong = [t for t, p in zip(report["adapter"]["y_true"], report["adapter"]["predictions"])
                  if t != p]
         expect(page.locator("#eval-wrong tbody tr")).to_have_count(len(wrong))
@@ -138,6 +148,8 @@ def test_life_of_an_adapter_in_the_browser(tmp_path):
         page.click("#reg-form button")
         expect(page.locator("#adapters-table tr[data-adapter='run1']")).to_have_count(1)
         expect(page.locator("#reg-error")).to_be_hidden()
+        expect(page.locator("td[data-eval='run1']")).to_contain_text(
+            f"accuracy {100 * adapter['accuracy']:.1f}%")
         page.click("#adapters-table tr[data-adapter='run1'] button[data-action='check']")
         expect(page.locator("#check-out")).to_contain_text("check-adapter run1")
         shot("adapters")

@@ -3,6 +3,7 @@ form's validation against the YAML path's, and a run stopped and resumed from th
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -117,3 +118,24 @@ def test_stop_and_resume_a_run(workspace):
         proc = runs.procs["long"]
         assert c.post("/ui/api/runs/long/stop").json()["status"] == "interrupted"
         assert proc.poll() is not None and os.path.exists(workspace / "long" / "train.exit")
+
+
+@pytest.mark.slow  # a real two-trial sweep: ~10 s on a quiet machine
+def test_sweeps_show_their_rows_summary_and_plots(workspace):
+    from lorakit.sweep.results import read_results
+    from tests.ui.helpers import make_sweep
+
+    results = make_sweep(workspace)
+    with ui_server(workspace) as (url, _service, _runs):
+        c = httpx.Client(base_url=url, timeout=30)
+        (sweep,) = c.get("/ui/api/sweeps").json()["data"]
+        assert sweep["path"] == "sweep/results.jsonl"
+        assert sweep["rows"] == json.loads(json.dumps(read_results(results)))
+        assert sweep["summary"] == (results.parent / "plots" / "summary.md").read_text()
+        plots = sorted(p.name for p in (results.parent / "plots").glob("*.png"))
+        assert plots and sweep["plots"] == [f"sweep/plots/{name}" for name in plots]
+        r = c.get("/ui/api/file", params={"path": sweep["plots"][0]})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert r.content == (workspace / sweep["plots"][0]).read_bytes()
+        r = c.get("/ui/api/file", params={"path": "sweep/results.jsonl"})
+        assert r.status_code == 400 and "not a plot" in r.json()["error"]["message"]

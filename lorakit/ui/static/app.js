@@ -12,7 +12,7 @@ function h(tag, attrs, ...children) {
     if (k === "on") for (const [ev, fn] of Object.entries(v)) el.addEventListener(ev, fn);
     else if (v !== null && v !== undefined && v !== false) el.setAttribute(k, v === true ? "" : v);
   }
-  for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c instanceof Node ? c : String(c));
+  for (const c of children.flat(Infinity)) if (c !== null && c !== undefined) el.append(c instanceof Node ? c : String(c));
   return el;
 }
 
@@ -262,7 +262,8 @@ function renderReport(data) {
       cols.map(([n]) => ["P", "R", "F1"].map((m) => h("th", {}, `${n} ${m}`))))),
     h("tbody", {}, labels.map((lab) => h("tr", {}, h("td", {}, lab),
       h("td", {class: "num"}, cols[cols.length - 1][1].report.per_class[lab].support),
-      cols.map(([, r]) => { const c = r.report.per_class[lab]; return [c.precision, c.recall, c.f1].map((v) => h("td", {class: "num"}, pct(v))); }))))));
+      cols.map(([n, r]) => { const c = r.report.per_class[lab]; return [["P", c.precision], ["R", c.recall], ["F1", c.f1]].map(([m, v]) =>
+        h("td", {class: "num", "data-col": n, "data-class": lab, "data-metric": m}, pct(v))); }))))));
   const [lastName, last] = cols[cols.length - 1];
   const hm = h("div", {id: "eval-heatmap"});
   heatmap(hm, labels, last.report.confusion_matrix);
@@ -362,10 +363,22 @@ loaders.compare = loadModels;
 
 function kb(b) { return b >= 1e6 ? `${(b / 1e6).toFixed(1)} MB` : `${(b / 1e3).toFixed(1)} kB`; }
 
-function evalCell(ev) {
-  if (!ev) return "";
-  const r = ev.adapter && ev.adapter.report ? ev.adapter.report : ev.report;
-  return r && r.accuracy !== undefined ? `accuracy ${pct(r.accuracy)}` : JSON.stringify(ev).slice(0, 80);
+function evalCell(a, reports) {
+  const ev = a.eval_results;
+  if (ev) {
+    const r = ev.adapter && ev.adapter.report ? ev.adapter.report : ev.report;
+    return r && r.accuracy !== undefined ? `accuracy ${pct(r.accuracy)}` : JSON.stringify(ev).slice(0, 80);
+  }
+  // An adapter a run wrote (<run>/adapter): that run's evaluation report, when it has one.
+  const root = state.info.runs_root + "/";
+  const rel = a.path.startsWith(root) && a.path.endsWith("/adapter") ? a.path.slice(root.length, -7) + "eval/report.json" : null;
+  if (!rel || !reports.includes(rel)) return "";
+  const cell = h("a", {href: "#eval", on: {click: () => { state.report = rel; }}}, "report");
+  api(`/ui/api/report?path=${encodeURIComponent(rel)}`).then((d) => {
+    const r = d.report.adapter && d.report.adapter.report;
+    if (r) cell.textContent = `accuracy ${pct(r.accuracy)}` + (d.report.base ? ` (base ${pct(d.report.base.report.accuracy)})` : "");
+  }).catch(() => {});
+  return cell;
 }
 
 async function adapterAction(name, action) {
@@ -387,11 +400,12 @@ function showCheck(c) {
 
 async function loadAdapters() {
   const {data} = await api("/admin/adapters");
+  const reports = (await api("/ui/api/reports")).data;
   $("#adapters-table tbody").replaceChildren(...data.map((a) => h("tr", {"data-adapter": a.name},
     h("td", {}, a.name), h("td", {class: "path"}, a.path), h("td", {}, a.base_model || ""), h("td", {class: "num"}, a.rank),
     h("td", {class: "num"}, a.lora_alpha), h("td", {}, (a.target_modules || []).join(", ")), h("td", {class: "num"}, kb(a.size_bytes || 0)),
     h("td", {}, [a.slot !== null && a.slot !== undefined ? `slot ${a.slot}` : a.cpu_resident ? "in memory" : "on disk", a.pinned ? ", pinned" : "", a.error ? ` (${a.error})` : ""].join("")),
-    h("td", {}, evalCell(a.eval_results)),
+    h("td", {"data-eval": a.name}, evalCell(a, reports)),
     h("td", {}, ["load", a.pinned ? "unpin" : "pin", "unload", "remove", "check"].map((x) =>
       h("button", {class: "small", "data-action": x, on: {click: () => adapterAction(a.name, x)}}, x))))));
 }
@@ -405,7 +419,7 @@ async function loadSweeps() {
     const div = h("div", {class: "sweep"}, h("h4", {}, `${s.path}: ${s.rows.length} trial(s), ${ok.length} ok`));
     const chart = h("div", {class: "chart"});
     const series = ok.filter((r) => r.val_curve || r.loss_curve).slice(0, 5).map((r) => ({name: r.id, points: r.val_curve || r.loss_curve}));
-    if (series.length) { lineChart(chart, series); div.append(chart); }
+    if (series.length) { lineChart(chart, series); div.append(h("p", {class: "muted"}, "validation loss by step, per trial"), chart); }
     if (s.summary) div.append(h("pre", {}, s.summary));
     for (const p of s.plots) {
       const img = h("img", {alt: p, class: "plot"});

@@ -67,31 +67,31 @@ function lineChart(container, series, opts = {}) {
 // A confusion matrix as an SVG heatmap: rows true, columns predicted, shade by row share.
 function heatmap(container, labels, matrix) {
   const n = labels.length, cell = Math.max(22, Math.min(48, 480 / Math.max(n, 1)));
-  const pad = 110, W = pad + n * cell + 10, H = pad + n * cell + 10;
+  const pad = 110, top = 70, W = pad + n * cell + 10, H = top + n * cell + 10;
   const svg = svgEl("svg", {viewBox: `0 0 ${W} ${H}`, width: W, height: H, class: "heatmap"});
   matrix.forEach((row, i) => {
     const total = row.reduce((a, b) => a + b, 0) || 1;
     row.forEach((v, j) => {
       const share = v / total;
       const fill = i === j ? `rgba(5,150,105,${0.1 + 0.9 * share})` : `rgba(220,38,38,${v ? 0.1 + 0.9 * share : 0})`;
-      const r = svgEl("rect", {x: pad + j * cell, y: pad + i * cell, width: cell - 1, height: cell - 1,
+      const r = svgEl("rect", {x: pad + j * cell, y: top + i * cell, width: cell - 1, height: cell - 1,
         fill, class: "hm-cell", "data-true": labels[i], "data-pred": labels[j], "data-count": v});
       const tip = svgEl("title");
       tip.textContent = `true ${labels[i]}, predicted ${labels[j]}: ${v}`;
       r.appendChild(tip);
       svg.appendChild(r);
-      const t = svgEl("text", {x: pad + j * cell + cell / 2, y: pad + i * cell + cell / 2 + 4,
+      const t = svgEl("text", {x: pad + j * cell + cell / 2, y: top + i * cell + cell / 2 + 4,
         "text-anchor": "middle", class: "hm-num"});
       t.textContent = v;
       svg.appendChild(t);
     });
   });
   labels.forEach((lab, i) => {
-    const t = svgEl("text", {x: pad - 4, y: pad + i * cell + cell / 2 + 4, "text-anchor": "end", class: "tick"});
+    const t = svgEl("text", {x: pad - 4, y: top + i * cell + cell / 2 + 4, "text-anchor": "end", class: "tick"});
     t.textContent = lab;
     svg.appendChild(t);
     const c = svgEl("text", {x: 0, y: 0, "text-anchor": "start", class: "tick",
-      transform: `translate(${pad + i * cell + cell / 2 + 4},${pad - 4}) rotate(-60)`});
+      transform: `translate(${pad + i * cell + cell / 2 + 4},${top - 4}) rotate(-60)`});
     c.textContent = lab;
     svg.appendChild(c);
   });
