@@ -23,6 +23,7 @@ must be on a filesystem every node shares (docs/cluster.md).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -165,6 +166,8 @@ def run_trials_on_ray(prepared, model_factory=None, console=None,
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # the last report has no loss
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # ...so the result files Tune would read back at the end are not there: not a problem here.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     from ray import tune
 
     planned = {t.id: (t, cfg) for t, cfg in prepared.planned if t.id in set(todo)}
@@ -187,7 +190,8 @@ def run_trials_on_ray(prepared, model_factory=None, console=None,
     tuner = tune.Tuner(
         trainable,
         param_space={"trial_id": tune.grid_search(todo)},
-        tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=1),
+        # One process per concurrent trial, reused: a new one would import torch again per trial.
+        tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=1, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str((prepared.output_dir / "ray").resolve()),
