@@ -100,6 +100,11 @@ class TrainSection:
     # shards weights, gradients and optimizer state per decoder block. batch_size stays global.
     distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     gradient_checkpointing: bool = False  # recompute each block in the backward pass (less memory)
+    # Where the metrics also go (lorakit/train/track.py): TensorBoard event files in
+    # output_dir/tensorboard, an MLflow run (local store output_dir/mlruns unless tracking_uri).
+    report_to: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)
+    tracking_uri: str | None = None  # MLflow: a server, a database or a shared store (sweeps)
+    experiment: str = "lorakit"  # MLflow experiment name
 
 
 @dataclass

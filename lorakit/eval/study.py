@@ -134,7 +134,7 @@ def evaluate_run(cfg, adapter_dir, model=None, tokenizer=None, console=None) -> 
     if cfg.eval.max_examples:
         examples = examples[:cfg.eval.max_examples]
     out_dir = Path(cfg.train.output_dir) / "eval"
-    return evaluate_model(model, tokenizer, examples, out_dir, task=cfg.eval.task,
+    report = evaluate_model(model, tokenizer, examples, out_dir, task=cfg.eval.task,
                           compare_base=cfg.eval.compare, batch_size=cfg.eval.batch_size,
                           max_seq_len=cfg.data.max_seq_len, console=console,
                           base_model=base_model, fine_tuned=True, baselines=cfg.eval.baselines,
@@ -142,6 +142,12 @@ def evaluate_run(cfg, adapter_dir, model=None, tokenizer=None, console=None) -> 
                           corpus=cfg.eval.corpus, seed=cfg.data.seed,
                           baseline_rows=cfg.eval.baseline_rows, forgetting=cfg.eval.forgetting,
                           system_prompt=cfg.data.system_prompt, max_new_tokens=cfg.eval.max_new_tokens)
+    if cfg.train.report_to:  # the evaluation table into the run's TensorBoard and MLflow run
+        from lorakit.eval.run import REPORT_MD
+        from lorakit.train.track import log_evaluation
+
+        log_evaluation(cfg, Path(cfg.train.output_dir), report, [out_dir / REPORT_MD])
+    return report
 
 
 def _train_rows(cfg) -> list:

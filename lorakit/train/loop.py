@@ -47,6 +47,7 @@ from lorakit.train.packing import host_to_device, pack_batch, packed_attention_m
 from lorakit.train.prepare import check_model_fits, encode_rows, prepare_data
 from lorakit.train.overfit import OverfitWatch
 from lorakit.train.progress import TrainProgress
+from lorakit.train.track import open_tracker
 from lorakit.train.schedule import lr_at
 
 
@@ -351,6 +352,8 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
 
     # Validation loss up twice while training loss falls: said at that step (train/overfit.py).
     overfit = OverfitWatch.from_metrics_file(metrics_path) if step else OverfitWatch()
+    # train.report_to: the same rows to TensorBoard and MLflow (train/track.py).
+    tracker = open_tracker(cfg, out, dist.is_main, resume=step > 0)
     bar = TrainProgress(total_steps, step, console=console, enabled=progress and dist.is_main)
     bar.note(f"{len(data.train)} train / {len(data.validation)} validation examples, "
              f"{trainable_params:,} trainable of {total_params:,} parameters "
@@ -422,19 +425,21 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
             elapsed = time.perf_counter() - start_time
             tok_per_s = (input_tokens - start_tokens) / max(elapsed, 1e-9)
             if dist.is_main and (step % t.log_every == 0 or step == total_steps):
-                _append_metrics(metrics_path, {
-                    "step": step, "epoch": round(plan.epoch_of(micro), 4), "loss": train_loss,
-                    "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                    "input_tokens": input_tokens,
-                    "tokens_per_s": round(tok_per_s, 1), "elapsed_s": round(elapsed, 2)})
+                row = {"step": step, "epoch": round(plan.epoch_of(micro), 4), "loss": train_loss,
+                       "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+                       "input_tokens": input_tokens,
+                       "tokens_per_s": round(tok_per_s, 1), "elapsed_s": round(elapsed, 2)}
+                _append_metrics(metrics_path, row)
+                tracker.log(row)
             bar.update(step, loss=train_loss, lr=lr, tok_per_s=tok_per_s)
 
             # Evaluate.
             if data.validation and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
                 val_loss = validation_loss(forward, data.validation, t.batch_size, dist)
                 if dist.is_main:
-                    _append_metrics(metrics_path, {"step": step, "val_loss": val_loss,
-                                                   "val_ppl": math.exp(min(val_loss, 50))})
+                    row = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+                    _append_metrics(metrics_path, row)
+                    tracker.log(row)
                     if on_validation is not None:
                         on_validation(step, val_loss, total_steps)
                 bar.note(f"step {step}: validation loss {val_loss:.4f}")
@@ -442,6 +447,7 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
                     bar.warn(warning.message(ckpt_root))
                     if dist.is_main:
                         _append_metrics(metrics_path, warning.record(ckpt_root))
+                        tracker.log({"step": step, "overfitting_warning": 1.0})
                 if val_loss < best_val:
                     best_val, evals_without_gain = val_loss, 0
                     if t.early_stopping_patience:
@@ -479,6 +485,7 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
         if dist.is_main:
             save_model_dir(model, tokenizer, adapter_dir, state_dict=full_state)
     forward.eval()
+    tracker.close()
     dist.close()  # waits for rank 0's files, then leaves the process group
     return TrainResult(out, adapter_dir, step, train_loss, val_loss, tokens_seen, input_tokens,
                        time.perf_counter() - start_time, trainable_params, total_params, stopped_early,
