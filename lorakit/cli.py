@@ -310,6 +310,7 @@ def _parser() -> argparse.ArgumentParser:
     from lorakit.adapters.export_gguf import add_export_parser
     from lorakit.adapters.portability import add_check_adapter_parser
     from lorakit.adapters.spectrum import add_inspect_parser
+    from lorakit.examples.agent.cli import add_agent_parser
     from lorakit.calc.cli import add_calc_arguments, calc_main
     from lorakit.serve.app import add_serve_parser
     from lorakit.serve.cli_adapters import add_adapters_parser
@@ -323,6 +324,7 @@ def _parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_combine_parser(sub)
     add_inspect_parser(sub)
+    add_agent_parser(sub)
     add_ui_parser(sub)
 
     sp = add("sweep", cmd_sweep, "run a hyperparameter sweep (grid or random) of training runs")
