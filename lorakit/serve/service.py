@@ -161,6 +161,10 @@ class Service:
         try:
             check_name(name)
             full = resolve_under(self.adapters_root, path or name)
+            if not full.exists() and not full.is_symlink():  # nothing there: not found, not bad
+                raise ApiError(404, f"adapter `{name}`: no folder `{shown(path or name)}` under "
+                               "the adapters root", param="path" if path else "name",
+                               code="adapter_not_found")
             files = self.cache.open(full, name)  # the one checker, against the served base
         except AdapterError as e:
             raise ApiError(400, str(e), code="adapter_rejected") from None

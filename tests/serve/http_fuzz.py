@@ -400,15 +400,15 @@ def _admin(rng, _models, bad, _vocab, _limits) -> Call:
     """Admin requests that must fail and change nothing (no good adapter is replaced or removed)."""
     k = rng.randrange(9)
     name = rng.choice(["nothere", "..", "a/b", "%2e%2e", "ad0\u0000", "x" * 129, "\u00e9"])
-    if k == 0:
-        return Call("admin register", path="/admin/adapters",
-                    body=_json({"name": rng.choice(["nothere", "../evil", "", "a b", ".", "x" * 129])}),
-                    expect=(400,))
+    if k == 0:  # a name that is not allowed 400, an allowed one with no folder 404
+        bad_name = rng.choice(["nothere", "../evil", "", "a b", ".", "x" * 129])
+        return Call("admin register", path="/admin/adapters", body=_json({"name": bad_name}),
+                    expect=(404,) if bad_name == "nothere" else (400,))
     if k == 1:
+        bad_path = rng.choice(["/etc", "../outside", "..", "", "ad0/../../x", "\\ad0", "missing"])
         return Call("admin register", path="/admin/adapters",
-                    body=_json({"name": "fresh", "path": rng.choice(["/etc", "../outside", "..", "",
-                                                                       "ad0/../../x", "\\ad0"])}),
-                    expect=(400,))
+                    body=_json({"name": "fresh", "path": bad_path}),
+                    expect=(404,) if bad_path in ("", "missing") else (400,))
     if k == 2:
         return Call("admin register exists", path="/admin/adapters", body=_json({"name": "ad0"}),
                     expect=(409,))

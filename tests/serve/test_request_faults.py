@@ -279,3 +279,15 @@ def test_error_messages_are_one_line(server, llama):
     err = _error(_complete(http, model="short"), 400)
     assert "\n" not in err["message"] and "bad adapter tensors: base_model.model" in err["message"]
     assert err["message"].count("length 61 (expected 64") >= 1
+
+
+def test_registering_a_folder_that_is_not_there_is_404(server):
+    """schemathesis: `{"name": "0"}` is valid by the schema; no folder `0` is a missing resource
+    (404, as an unknown model is), not a malformed request (400)."""
+    http, service = server
+    err = _error(http.post("/admin/adapters", json={"name": "nothere"}), 404)
+    assert err["code"] == "adapter_not_found" and err["param"] == "name"
+    assert err["message"] == "adapter `nothere`: no folder `nothere` under the adapters root"
+    err = _error(http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "gone"}), 404)
+    assert err["param"] == "path" and service.registry.get("x") is None
+    assert _error(http.post("/admin/adapters", json={"name": "x", "path": "../ad0"}), 400)
