@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from lorakit.sweep.plot import plot_results
 from lorakit.sweep.results import read_results
 from lorakit.sweep.run import run_sweep
 from tests import tiny
@@ -102,6 +103,11 @@ def test_asha_stops_the_clearly_worse_trial_early(ray_address, base_dir, tmp_pat
     assert not (bad_dir / "adapter").exists() and not (bad_dir / "checkpoints").exists()
     again = run_sweep(path, ["train.max_steps=8", "train.eval_every=2"], backend="ray")
     assert (again.ran, again.skipped) == (0, 2)  # a stopped trial is a result, not a gap
+    written = plot_results(result.results_path, tmp_path / "plots")
+    assert "loss_curves.png" in written
+    summary = written["summary.md"].read_text()
+    assert "2 trials from" in summary and "1 finished, 1 stopped early, 0 failed" in summary
+    assert f"- {bad['id']} (train.lr=1e-06): stopped at step 2" in summary
 
 
 def test_a_killed_driver_is_resumed_with_only_the_missing_trials(ray_address, base_dir, tmp_path):
