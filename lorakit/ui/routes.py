@@ -169,7 +169,8 @@ def mount_ui(app, service, runs_root: str | Path, adapters_root: str | Path | No
     @app.post("/ui/api/validate")
     async def validate_form(request: Request):
         data = await body(request)
-        cfg = runs.build(data.get("name") or "new-run", data.get("config"))
+        cfg = runs.build(data.get("name") or "new-run", data.get("config"),
+                         data.get("overrides") or [])
         return {"ok": True, "config": cfg.to_dict()}
 
     @app.post("/ui/api/calc")
@@ -179,7 +180,17 @@ def mount_ui(app, service, runs_root: str | Path, adapters_root: str | Path | No
         from lorakit.calc.cli import run_calc
 
         data = await body(request)
+        from lorakit.config import parse_override
+
         cfg = data.get("config") if isinstance(data.get("config"), dict) else {}
+        cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+        for line in data.get("overrides") or []:
+            try:
+                section, key, value = parse_override(str(line))
+            except LorakitError:
+                continue  # the validator reports it beside the estimate
+            if isinstance(cfg.setdefault(section, {}), dict):
+                cfg[section][key] = value
         model = runs._model_name((cfg.get("model") or {}).get("name", "smollm2-135m-instruct"))
         try:
             return await run_in_threadpool(run_calc, **_calc_args(cfg, model))
@@ -191,7 +202,8 @@ def mount_ui(app, service, runs_root: str | Path, adapters_root: str | Path | No
         from starlette.concurrency import run_in_threadpool
 
         data = await body(request)
-        return _json_ready(await run_in_threadpool(runs.start, data.get("name"), data.get("config")))
+        return _json_ready(await run_in_threadpool(runs.start, data.get("name"), data.get("config"),
+                                                   data.get("overrides") or []))
 
     @app.post("/ui/api/runs/{name}/stop")
     def stop_run(name: str):

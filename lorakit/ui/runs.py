@@ -165,17 +165,29 @@ class RunManager:
             return name
         return str(self.roots.resolve(name, "model.name"))
 
-    def build(self, name: str, sections: object):
-        """The checked RunConfig of the form: paths resolved inside the roots, output_dir the run
-        folder, then the one validator (`lorakit.config.build_config`), whose messages are the
-        YAML path's. Raises ApiError 400 with them."""
-        from lorakit.config import build_config
+    def build(self, name: str, sections: object, overrides: object = ()):
+        """The checked RunConfig of the form: its fields, then its `section.key=value` lines for
+        the fields it has no box for, paths resolved inside the roots, output_dir the run folder,
+        then the one validator (`lorakit.config.build_config`), whose messages are the YAML
+        path's. Raises ApiError 400 with them."""
+        from lorakit.config import build_config, parse_override
 
         run = self.roots.run_dir(name)
         if not isinstance(sections, dict):
             raise ApiError(400, "config: expected a mapping of sections (model, lora, data, train, "
                            "eval)", param="config")
+        if not isinstance(overrides, (list, tuple)) or not all(isinstance(x, str) for x in overrides):
+            raise ApiError(400, "overrides: expected a list of section.key=value lines",
+                           param="overrides")
         raw = {k: dict(v) if isinstance(v, dict) else v for k, v in sections.items()}
+        for line in overrides:
+            try:
+                section, key, value = parse_override(line)
+            except ConfigError as e:
+                raise ApiError(400, str(e), param="overrides", code="invalid_config") from None
+            if not isinstance(raw.setdefault(section, {}), dict):
+                raise ApiError(400, f"{section}: expected a mapping of keys", param="config")
+            raw[section][key] = value
         model = raw.setdefault("model", {})
         if isinstance(model, dict):
             model["name"] = self._model_name(model.get("name", "smollm2-135m-instruct"))
@@ -195,10 +207,10 @@ class RunManager:
         except ConfigError as e:
             raise ApiError(400, str(e), code="invalid_config") from None
 
-    def start(self, name: str, sections: object) -> dict:
+    def start(self, name: str, sections: object, overrides: object = ()) -> dict:
         from lorakit.config import dump_config
 
-        cfg = self.build(name, sections)
+        cfg = self.build(name, sections, overrides)
         run = self.roots.run_dir(name)
         with self.lock:
             if self.alive(name):

@@ -170,7 +170,8 @@ function formConfig() {
     const [section, key] = el.name.split(".");
     (config[section] = config[section] || {})[key] = el.value;
   }
-  return {name: $("#new-form [name=name]").value.trim(), config};
+  const overrides = $("#new-form [name=overrides]").value.split("\n").map((x) => x.trim()).filter(Boolean);
+  return {name: $("#new-form [name=name]").value.trim(), config, overrides};
 }
 
 function calcTable(c) {
@@ -188,7 +189,7 @@ async function checkForm() {
   const f = formConfig();
   const errors = $("#form-errors");
   try {
-    await api("/ui/api/validate", {body: {name: f.name || "new-run", config: f.config}});
+    await api("/ui/api/validate", {body: {name: f.name || "new-run", config: f.config, overrides: f.overrides}});
     errors.hidden = true;
     $("#form-check").textContent = "the config is valid";
   } catch (e) {
@@ -197,7 +198,7 @@ async function checkForm() {
     $("#form-check").textContent = "the config has problems:";
   }
   try {
-    $("#calc").replaceChildren(calcTable(await api("/ui/api/calc", {body: {config: f.config}})));
+    $("#calc").replaceChildren(calcTable(await api("/ui/api/calc", {body: {config: f.config, overrides: f.overrides}})));
   } catch (e) {
     $("#calc").replaceChildren(h("p", {class: "error"}, e.message));
   }
