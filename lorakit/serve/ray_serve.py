@@ -29,6 +29,7 @@ with an error event instead, as a single server's stream does when generation fa
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import signal
@@ -124,6 +125,11 @@ class Replica:
         if service is not None:
             service.stop()
 
+    def _authorized(self, scope: dict) -> bool:
+        key = self.service.config.resolved_api_key()
+        given = dict(scope.get("headers", [])).get(b"authorization", b"")
+        return key is None or hmac.compare_digest(given, f"Bearer {key}".encode())
+
     async def adapter(self, name: str) -> str:
         """Load `name` into this replica's CPU tier (Serve records that this replica holds it).
         A name that cannot be loaded is left to the app, which answers it as a single server."""
@@ -146,7 +152,7 @@ class Replica:
         from ray import serve
 
         model_id = serve.get_multiplexed_model_id()
-        if model_id:
+        if model_id and self._authorized(scope):  # no adapter loads for a client without the key
             await self.held_adapter(model_id)
         scope = {**scope, "root_path": "", "state": {}}
         metrics = scope["path"] == "/metrics"
@@ -165,7 +171,9 @@ class Replica:
                     continue
                 held.append(chunk)
                 if not more:  # the scrape, with this replica's name added
-                    text = _replica_metrics(b"".join(held), self.name, self.deployment)
+                    text = b"".join(held)
+                    if start[1] == 200:
+                        text = _replica_metrics(text, self.name, self.deployment)
                     status, headers = start[1], [(k, v) for k, v in start[2]
                                                  if k.lower() != b"content-length"]
                     yield ("start", status, headers + [(b"content-length", str(len(text)).encode())])
@@ -240,6 +248,8 @@ async def _body_chunks(stream):
         error = ApiError(503, f"the replica answering this stream failed ({type(e).__name__})",
                          code="replica_unavailable")
         yield f"data: {json.dumps(error.body())}\n\n".encode()
+    finally:  # the client went away: the replica's app cancels its sequences
+        stream.cancel()
 
 
 def build_app(config: ServeConfig, replicas: int, replica_cpus: float = 1.0,

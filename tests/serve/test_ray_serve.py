@@ -114,6 +114,8 @@ def test_two_replicas_answer_as_one_server(servers):
         ray_client.completions.create(model="nobody", prompt=PROMPT, max_tokens=2)
     assert httpx.get(url + "/health").status_code == 200
 
+    refused = httpx.post(url + "/v1/completions", json={"model": "ad2", "prompt": PROMPT})
+    assert refused.status_code == 401 and httpx.get(url + "/metrics").status_code == 401
     scrape = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
     assert scrape.status_code == 200
     named = scrape.headers[REPLICA_HEADER]
