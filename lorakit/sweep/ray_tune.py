@@ -82,6 +82,9 @@ def _recorder(prepared, console):
         def __getstate__(self):  # Tune saves its callbacks with the experiment: not the console
             return {**self.__dict__, "console": None}
 
+        def _seconds(self, tid: str) -> float:
+            return time.perf_counter() - self.started.get(tid, time.perf_counter())
+
         def on_trial_start(self, iteration, trials, trial, **info):
             self.started[trial.config["trial_id"]] = time.perf_counter()
 
@@ -96,8 +99,7 @@ def _recorder(prepared, console):
             tid = trial.config["trial_id"]
             if tid not in self.written:  # ended by the scheduler before its last step
                 t, cfg = planned[tid]
-                self._write(stopped_record(t, cfg, self.reported.get(tid, []),
-                                           time.perf_counter() - self.started.get(tid, time.perf_counter())))
+                self._write(stopped_record(t, cfg, self.reported.get(tid, []), self._seconds(tid)))
                 if not prepared.sweep.keep_checkpoints:  # it will not be resumed
                     shutil.rmtree(Path(cfg.train.output_dir) / "checkpoints", ignore_errors=True)
 
@@ -107,8 +109,7 @@ def _recorder(prepared, console):
                 return
             error = _trial_error(trial)
             t, cfg = planned[tid]
-            self._write(failure_record(t, cfg, error, time.perf_counter()
-                                       - self.started.get(tid, time.perf_counter())))
+            self._write(failure_record(t, cfg, error, self._seconds(tid)))
 
     return Recorder(console)  # an argument, not a closure: the saved callback leaves it out
 
