@@ -76,8 +76,8 @@ def test_life_of_an_adapter_in_the_browser(tmp_path):
                   "data.train": "data/train.jsonl", "data.val_fraction": "0.25",
                   "data.max_seq_len": "64", "eval.data": "data/test.jsonl", "lora.r": "4",
                   "lora.lora_alpha": "8", "lora.target_modules": "all-linear",
-                  "train.max_steps": "40", "train.batch_size": "4", "train.lr": "-1",
-                  "train.warmup_ratio": "0", "train.eval_every": "10", "train.save_every": "10"}
+                  "train.max_steps": "60", "train.batch_size": "4", "train.lr": "-1",
+                  "train.warmup_ratio": "0", "train.eval_every": "20", "train.save_every": "20"}
         for name, value in fields.items():
             page.fill(f"#new-form [name='{name}']", value)
         page.select_option("#new-form [name='model.dtype']", "fp32")

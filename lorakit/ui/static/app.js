@@ -120,10 +120,16 @@ async function openRun(name) {
 }
 
 async function pollRun() {
-  const name = state.run;
-  if (!name || $("#tab-runs").hidden) return;
-  const m = await api(`/ui/api/runs/${encodeURIComponent(name)}/metrics?since=${state.metrics.length}`);
-  if (name !== state.run) return;
+  // One poll at a time, and only for the run still shown: rows are appended exactly once.
+  if (state.polling || !state.run || $("#tab-runs").hidden) return;
+  state.polling = true;
+  try { await pollOnce(); } finally { state.polling = false; }
+}
+
+async function pollOnce() {
+  const name = state.run, since = state.metrics.length, shown = state.metrics;
+  const m = await api(`/ui/api/runs/${encodeURIComponent(name)}/metrics?since=${since}`);
+  if (name !== state.run || shown !== state.metrics || since !== shown.length) return;
   state.metrics.push(...m.rows);
   drawRunCharts();
   const last = state.metrics.filter((r) => "step" in r).pop();
@@ -146,7 +152,7 @@ $("#run-resume").addEventListener("click", async () => {
 $("#run-eval").addEventListener("click", () => { state.report = `${state.run}/eval/report.json`; location.hash = "#eval"; });
 
 loaders.runs = async () => { await loadRuns(); if (state.run) await openRun(state.run); };
-setInterval(() => { if (!$("#tab-runs").hidden) pollRun().catch(() => {}); }, 400);
+setInterval(() => { if (!$("#tab-runs").hidden) pollRun().catch(() => {}); }, 250);
 setInterval(() => { if (!$("#tab-runs").hidden) loadRuns().catch(() => {}); }, 2500);
 
 // -- New run ---------------------------------------------------------------------------------
