@@ -169,3 +169,26 @@ def test_life_of_an_adapter_in_the_browser(tmp_path):
         assert got == want
         assert want["run1"] != want[str(root / "base")], "the adapter should change the answer"
         browser.close()
+
+
+def test_the_page_asks_for_the_key_and_then_works(tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    key = "ui-browser-key-42"
+    root = make_workspace(tmp_path / "work")
+    with ui_server(root, api_key=key) as (url, _service, _runs), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(f"{url}/ui/")
+        expect(page.locator("#keybar")).to_be_visible()
+        expect(page.locator("#toast")).to_contain_text("Missing or incorrect API key")
+        page.fill("#key", "wrong-key-000")
+        page.click("#key-save")
+        expect(page.locator("#keybar")).to_be_visible()
+        page.fill("#key", key)
+        page.click("#key-save")
+        expect(page.locator("#runs-root")).to_have_text(str(root.resolve()))
+        expect(page.locator("#keybar")).to_be_hidden()
+        page.goto(f"{url}/ui/#compare")
+        expect(page.locator("#chat-models input")).to_have_count(1)  # the key lasts the tab
+        browser.close()
