@@ -114,19 +114,23 @@ def _recorder(prepared, console):
     return Recorder(console)  # an argument, not a closure: the saved callback leaves it out
 
 
+class TrialDied(RuntimeError):
+    """A Ray Tune trial whose process ended without a result (killed, out of memory, node lost)."""
+
+
 def _trial_error(trial) -> BaseException:
     """The exception that ended a Tune trial (its process died, or the trial function raised
-    outside `run_trial`), as Tune kept it."""
+    outside `run_trial`), as Tune kept it: pickled, or else the first line of its error.txt."""
     try:
         error = trial.get_pickled_error()
     except Exception:  # noqa: BLE001 (an unreadable error file is still an error)
         error = None
     if error is None:
-        text = ""
+        lines = []
         if trial.error_file and Path(trial.error_file).exists():
-            text = Path(trial.error_file).read_text().strip().splitlines()[-1:]
-            text = text[0] if text else ""
-        error = RuntimeError(text or "the trial's process ended without a result")
+            lines = [x.strip() for x in Path(trial.error_file).read_text().splitlines()
+                     if x.strip() and not x.startswith("Failure #")]
+        return TrialDied(lines[0] if lines else "the trial's process ended without a result")
     cause = getattr(error, "cause", None)  # RayTaskError wraps the trial's own exception
     return cause if isinstance(cause, BaseException) else error
 
