@@ -38,6 +38,9 @@ EXIT = "train.exit"
 RUN_FILES = ("config.yaml", LAUNCH, "metrics.jsonl")
 RECENT_S = 60.0  # metrics written this recently: a run started elsewhere is still training
 STOP_GRACE_S = 15.0  # after Ctrl-C (SIGINT), the process gets this long before SIGKILL
+# Exit statuses of a process that was stopped rather than failing: `lorakit` after Ctrl-C (130),
+# and killed by SIGINT, SIGKILL or SIGTERM (Popen's negative signal numbers).
+_INTERRUPTED = (130, -signal.SIGINT, -signal.SIGKILL, -signal.SIGTERM)
 # Config fields that name files: resolved inside the roots before the validator sees them.
 PATH_FIELDS = (("data", "train"), ("data", "validation"), ("eval", "data"), ("eval", "corpus"))
 
@@ -105,22 +108,25 @@ class RunManager:
                 exit_info = json.loads((run / EXIT).read_text())
             except (OSError, json.JSONDecodeError):
                 exit_info = {}
-        resumable = latest_checkpoint(run / "checkpoints") is not None
         code = exit_info.get("returncode")
+        proc = self.procs.get(run.name)
+        if code is None and proc is not None:  # ended a moment ago: train.exit is being written
+            code, exit_info = proc.poll(), {"stopped": run.name in self.stopping}
+        metrics = run / "metrics.jsonl"
+        recent = metrics.is_file() and time.time() - metrics.stat().st_mtime < RECENT_S
         if self.alive(run.name):
             status = "running"
         elif (run / "adapter").is_dir() or (run / "model").is_dir():
-            status = "finished" if code in (None, 0) else "failed"
-        elif exit_info.get("stopped") or (code is None and resumable):
+            status = "finished" if code in (None, 0) else "failed"  # e.g. its evaluation failed
+        elif code is None and run.name not in self.procs and recent:
+            status = "running"  # started in a terminal, still writing metrics
+        elif code is None or exit_info.get("stopped") or code in _INTERRUPTED:
             status = "interrupted"
-        elif code not in (None, 0):
-            status = "interrupted" if code in (-2, -9, 130, -15) else "failed"
         else:
-            metrics = run / "metrics.jsonl"
-            recent = metrics.is_file() and time.time() - metrics.stat().st_mtime < RECENT_S
-            status = "running" if recent and not self.procs.get(run.name) else "interrupted"
-        return {"status": status, "resumable": status == "interrupted" and resumable,
-                "returncode": code}
+            status = "failed"
+        resumable = status in ("interrupted", "failed") and \
+            latest_checkpoint(run / "checkpoints") is not None
+        return {"status": status, "resumable": resumable, "returncode": code}
 
     def runs(self) -> list[dict]:
         """Every run folder under the runs root, newest first, with its status and last loss."""
