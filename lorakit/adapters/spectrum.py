@@ -276,3 +276,20 @@ def add_inspect_parser(sub) -> None:
     sp.add_argument("--plot", metavar="DIR", help="write a log-scale plot per layer type into DIR")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--json", action="store_true", help="the whole report, every module, as JSON")
+
+
+def sweep_verdicts(rows: list[dict]) -> str:
+    """The verdict of each finished LoRA trial of a sweep (its `output_dir`/adapter), as the
+    Markdown section the sweep summary ends with; empty when no trial has an adapter folder."""
+    lines = []
+    for r in rows:
+        adapter = Path(r.get("output_dir") or "") / "adapter"
+        if r.get("method", "lora") != "lora" or not r.get("output_dir") or not is_adapter_dir(adapter):
+            continue
+        try:
+            lines.append(f"- {r['id']} (r={r.get('r')}): {inspect_adapter(adapter)['verdict']}")
+        except LorakitError as e:
+            lines.append(f"- {r['id']}: not inspected ({e})")
+    if not lines:
+        return ""
+    return "\n## Adapter spectra (lorakit inspect)\n\n" + "\n".join(lines) + "\n"

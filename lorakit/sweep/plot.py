@@ -227,6 +227,8 @@ def plot_results(results_path: str | Path, out_dir: str | Path | None = None,
             say(f"{name} skipped: {skipped}")
         else:
             written[name] = out / name
-    (out / "summary.md").write_text(summary_markdown(rows, str(results_path)))
+    from lorakit.adapters.spectrum import sweep_verdicts  # each trial's rank verdict
+
+    (out / "summary.md").write_text(summary_markdown(rows, str(results_path)) + sweep_verdicts(ok))
     written["summary.md"] = out / "summary.md"
     return written

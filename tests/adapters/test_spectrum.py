@@ -1,6 +1,7 @@
 """`lorakit inspect`: the rank of an adapter's update, its size against W, plots and the verdict."""
 
 import copy
+import json
 
 import torch
 
@@ -94,3 +95,18 @@ def test_cli_prints_the_table_and_verdict(tmp_path, capsys):
     assert (tmp_path / "plots" / "spectrum_q_proj.png").exists()
     assert main(["inspect", str(tmp_path)]) == 2
     assert "neither an adapter directory" in capsys.readouterr().err
+
+
+def test_sweep_summary_repeats_each_trials_verdict(tmp_path):
+    from lorakit.sweep.plot import plot_results
+
+    _rank3_adapter(tmp_path / "trials" / "t1")
+    row = {"id": "t1", "status": "ok", "params": {"lora.r": 16}, "method": "lora", "r": 16, "lora_alpha": 32,
+           "lr": 1e-3, "target_modules": "all-linear", "final_train_loss": 1.0, "final_val_loss": 1.1,
+           "best_val_loss": 1.1, "steps": 2, "seconds": 1.0, "trainable_params": 10, "total_params": 100,
+           "tokens": 5, "loss_curve": [[1, 1.2], [2, 1.0]], "val_curve": [[2, 1.1]],
+           "output_dir": str(tmp_path / "trials" / "t1")}
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
+    written = plot_results(tmp_path / "results.jsonl", tmp_path / "plots")
+    assert ("- t1 (r=16): 95% of the energy in 3 of 16 ranks in every module: r=4 would do"
+            in written["summary.md"].read_text())
