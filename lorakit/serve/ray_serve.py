@@ -131,16 +131,17 @@ class Replica:
         return key is None or hmac.compare_digest(given, f"Bearer {key}".encode())
 
     async def adapter(self, name: str) -> str:
-        """Load `name` into this replica's CPU tier (Serve records that this replica holds it).
-        A name that cannot be loaded is left to the app, which answers it as a single server."""
+        """Load `name` into this replica's CPU tier (Serve then records that this replica holds
+        it); an `ApiError` when it cannot be loaded, so that Serve records nothing."""
         from starlette.concurrency import run_in_threadpool
 
-        for _ in range(2):  # two replicas registering one new adapter at once: the second retries
+        for attempt in range(2):  # two replicas registering one new adapter at once: one retries
             try:
                 await run_in_threadpool(self.service.resolve_model, name)
-                break
+                return name
             except ApiError:
-                continue
+                if attempt:
+                    raise
         return name
 
     async def held_adapter(self, name: str) -> str:
@@ -153,7 +154,10 @@ class Replica:
 
         model_id = serve.get_multiplexed_model_id()
         if model_id and self._authorized(scope):  # no adapter loads for a client without the key
-            await self.held_adapter(model_id)
+            try:
+                await self.held_adapter(model_id)
+            except ApiError:
+                pass  # not held here: the app answers it (404, 400) as a single server does
         scope = {**scope, "root_path": "", "state": {}}
         metrics = scope["path"] == "/metrics"
         held = []
