@@ -77,8 +77,15 @@ def resolve_under(root: str | Path, relative: str) -> Path:
     if any(part == ".." for part in rel.parts):
         raise AdapterError(f"adapter path {relative!r}: '..' is refused (expected a path inside "
                            "the adapters root)")
+    if "\x00" in relative:  # the OS cannot take it (ValueError in every path call)
+        raise AdapterError(f"adapter path {relative[:100]!r}: a NUL character is refused")
     root_resolved = Path(root).resolve()
-    full = (root_resolved / rel).resolve()
+    try:
+        full = (root_resolved / rel).resolve()
+        full.exists()  # a name the OS cannot take (too long) fails here, not in the caller
+    except (OSError, RuntimeError) as e:  # a name too long, a symlink loop (RuntimeError on 3.11)
+        raise AdapterError(f"adapter path {relative[:100]!r}: cannot be resolved "
+                           f"({type(e).__name__}: {str(e)[:200]})") from None
     if full != root_resolved and root_resolved not in full.parents:
         raise AdapterError(f"adapter path {relative!r}: resolves outside the adapters root "
                            "(a symlink pointing out is refused)")

@@ -179,7 +179,7 @@ _UNKNOWN_KEYS = ["temprature", "max_token", "foo", "x" * 100, "", "__proto__", "
 _BAD_MODELS = ["nonexistent", "../ad0", "ad0/..", "/etc/passwd", "ad0\u0000", "AD0", " ad0",
                "ad0 ", "..", ".", "ad0/", "%2e%2e", "tiny-base/ad0", "\U0001d51e\U0001d521", "a" * 129,
                "a" * 10_000, "ad0;rm -rf", "ad0\n", "~", "adapters.sqlite", "C:\\ad0", "ad0\\..\\ad1",
-               "$HOME", "ad0*", "ad?", "-"]
+               "$HOME", "ad0*", "ad?", "-", "loop"]  # loop: a symlink to itself in the root
 _CONTENT_TYPES = ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
                   "application/xml", "text/json", "application/jsonx", "json", "*/*", "image/png",
                   "application/octet-stream"]
@@ -405,7 +405,8 @@ def _admin(rng, _models, bad, _vocab, _limits) -> Call:
         return Call("admin register", path="/admin/adapters", body=_json({"name": bad_name}),
                     expect=(404,) if bad_name == "nothere" else (400,))
     if k == 1:
-        bad_path = rng.choice(["/etc", "../outside", "..", "", "ad0/../../x", "\\ad0", "missing"])
+        bad_path = rng.choice(["/etc", "../outside", "..", "", "ad0/../../x", "\\ad0", "missing",
+                               "a\x00b", "x" * 300, "x/" * 3000, "loop", "loop/x"])
         return Call("admin register", path="/admin/adapters",
                     body=_json({"name": "fresh", "path": bad_path}),
                     expect=(404,) if bad_path in ("", "missing") else (400,))

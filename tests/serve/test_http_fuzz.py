@@ -40,6 +40,7 @@ def _world(llama, tokenizer, tmp_path):
                for k, t in st.load_file(str(weights)).items()}
     st.save_file(tensors, str(weights))
     service.registry.add("overflow", overflow)
+    (root / "loop").symlink_to("loop")
     return service, {"broken": 400, "overflow": 200}
 
 

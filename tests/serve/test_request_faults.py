@@ -291,3 +291,20 @@ def test_registering_a_folder_that_is_not_there_is_404(server):
     err = _error(http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "gone"}), 404)
     assert err["param"] == "path" and service.registry.get("x") is None
     assert _error(http.post("/admin/adapters", json={"name": "x", "path": "../ad0"}), 400)
+
+
+def test_adapter_paths_the_os_cannot_take_are_400(server):
+    """schemathesis sent `"lora_path": "..\\u0000..."`: `Path.resolve` raised ValueError (HTTP 500);
+    a name too long for the OS and a symlink loop (RuntimeError on Python 3.11) did the same."""
+    http, service = server
+    (service.adapters_root / "loop").symlink_to("loop")
+    for path, why in [("a\x00b", "a NUL character is refused"), ("x" * 300, "File name too long"),
+                      ("x/" * 3000, "File name too long"), ("loop", "Symlink loop"),
+                      ("loop/inner", "Symlink loop")]:
+        for route, body in [("/admin/adapters", {"name": "x", "path": path}),
+                            ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path})]:
+            err = _error(http.post(route, json=body), 400)
+            assert why in err["message"] and err["code"] == "adapter_rejected", (route, path, err)
+    err = _error(_complete(http, model="loop"), 404)  # found on demand: a loop is no adapter
+    assert err["code"] == "model_not_found"
+    assert service.registry.get("x") is None and _complete(http).status_code == 200
