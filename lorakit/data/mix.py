@@ -114,9 +114,10 @@ class MixedRows:
 
 
 def replay_examples(cfg, model, tokenizer, out_dir: Path, batch_size: int = 16,
-                    max_new_tokens: int = REPLAY_MAX_NEW_TOKENS) -> list:
+                    max_new_tokens: int = REPLAY_MAX_NEW_TOKENS, say=None) -> list:
     """The replay rows: the base's greedy answers to the replay prompts, read from the run's
-    replay.jsonl when a previous start wrote it (resume), else generated now and written."""
+    replay.jsonl when a previous start wrote it (resume), else generated now and written
+    (`say(text)` announces it: it takes a while on a CPU)."""
     import json
 
     from lorakit.atomic import write_text
@@ -131,6 +132,9 @@ def replay_examples(cfg, model, tokenizer, out_dir: Path, batch_size: int = 16,
             return answered(prompts, answers, str(path), cfg.data.system_prompt)
     from lorakit.eval.generate import greedy_answers
 
+    if say is not None:
+        say(f"data.replay: the base answers {len(prompts)} general prompts (greedy, up to "
+            f"{max_new_tokens} tokens) once; kept in {path}")
     answers = greedy_answers(model, tokenizer, prompt_ids(prompts, tokenizer, cfg.data.system_prompt),
                              max_new_tokens, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)

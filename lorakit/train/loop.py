@@ -240,7 +240,8 @@ def train(cfg: RunConfig, resume: bool = False, model=None, tokenizer=None, cons
         model.lorakit_identity = base_identity(model, cfg.model.name)
     check_model_fits(cfg, model)
     # Replay rows (data.replay): the untouched base answers the general prompts (data/mix.py).
-    replay = replay_examples(cfg, model, tokenizer, out) if cfg.data.replay else None
+    replay = replay_examples(cfg, model, tokenizer, out, say=console.print if console is not None
+                             and progress and dist.is_main else None) if cfg.data.replay else None
     torch.manual_seed(t.seed)  # seeds the adapter init, dropout and everything after
     make_trainable(model, cfg)
     total_params, trainable_params = count_parameters(model)
