@@ -128,7 +128,7 @@ def evaluate_run(cfg, adapter_dir, model=None, tokenizer=None, console=None) -> 
     elif model is None:
         model, tokenizer = load_base(str(adapter_dir), dtype=dtype, device=device)
     base_model = None
-    if not lora and cfg.eval.compare:
+    if not lora and (cfg.eval.compare or cfg.eval.forgetting):  # the probe needs the base too
         base_model, _ = load_base(cfg.model.name, dtype=dtype, device=next(model.parameters()).device)
     examples = load_examples(cfg.eval.data, system_prompt=cfg.data.system_prompt)
     if cfg.eval.max_examples:
