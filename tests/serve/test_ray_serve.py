@@ -2,8 +2,11 @@
 127.0.0.1 with the official `openai` client: the answers of a single server, adapter affinity,
 and a replica killed with requests queued on it."""
 
-import copy
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +14,7 @@ import httpx
 import pytest
 
 from lorakit.serve.app import ServerThread, create_app
-from lorakit.serve.config import Limits, ServeConfig
+from lorakit.serve.config import build_serve_config
 from lorakit.serve.ray_serve import REPLICA_HEADER
 from lorakit.serve.registry import AdapterRegistry
 from lorakit.serve.service import build_service
@@ -33,11 +36,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """(Ray Serve URL, single-server URL): the same tiny base, 6 registered adapters, one
-    registry; Ray Serve with 2 replicas, each decoding one sequence at a time (so requests queue)."""
-    local_ray()
+    registry. Ray Serve is `lorakit serve --replicas 2` as a user runs it (its own process,
+    joining the test's Ray runtime), each replica decoding one sequence at a time (so requests
+    queue); the single server is `lorakit serve`'s service in this process."""
+    address = local_ray()
     from ray import serve
-
-    from lorakit.serve.ray_serve import start
 
     tmp = tmp_path_factory.mktemp("ray-serve")
     base = tiny.tiny_llama()
@@ -47,20 +50,44 @@ def servers(tmp_path_factory):
     registry = AdapterRegistry(home / "adapters.sqlite")
     for i, name in enumerate(ADAPTERS):
         registry.add(name, make_adapter(base, tmp / "adapters" / name, seed=40 + i))
-    config = ServeConfig(model=str(tmp / "tiny-base"), adapters_root=str(tmp / "adapters"),
-                         max_loras=2, max_cpu_loras=6, max_lora_rank=8, target_modules=TARGETS,
-                         api_key=KEY, dtype="fp32", prefix_cache_mb=0, port=_free_port(),
-                         limits=Limits(max_tokens=48, default_max_tokens=8, max_concurrent=1,
-                                       max_queue=64))
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("LORAKIT_HOME", str(home))
-        url = start(copy.deepcopy(config), replicas=2)
-        single = build_service(config)  # `lorakit serve` as one process would build it
+    settings = {"model": str(tmp / "tiny-base"), "adapters_root": str(tmp / "adapters"),
+                "max_loras": 2, "max_cpu_loras": 6, "max_lora_rank": 8,
+                "target_modules": f"[{','.join(TARGETS)}]", "api_key": KEY, "dtype": "fp32",
+                "prefix_cache_mb": 0, "limits.max_tokens": 48, "limits.default_max_tokens": 8,
+                "limits.max_concurrent": 1, "limits.max_queue": 64}
+    port = _free_port()
+    log = tmp / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lorakit", "serve", "--replicas", "2", "--address", address,
+             "--port", str(port), *(f"{k}={v}" for k, v in settings.items())],
+            stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "LORAKIT_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
     try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("LORAKIT_HOME", str(home))
+            single = build_service(build_serve_config({}, [f"{k}={v}" for k, v in settings.items()]))
+        deadline = time.monotonic() + 240
+        while not _healthy(url):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.25)
         with ServerThread(create_app(single)) as reference:
             yield url, reference.url
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the application is deleted, the process ends
+        assert proc.wait(60) == 0, log.read_text()
     finally:
+        if proc.poll() is None:
+            proc.kill()
         serve.shutdown()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def _client(url, key=KEY):
