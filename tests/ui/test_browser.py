@@ -107,12 +107,12 @@ def test_life_of_an_adapter_in_the_browser(tmp_path):
                                f".getAttribute('data-points') > {first}")
         assert page.get_attribute("#run-detail", "data-status") == "running", \
             "the run ended before the page saw its curve grow"
-        shot("runs")
         expect(page.locator("#run-detail")).to_have_attribute("data-status", "finished",
                                                               timeout=240_000)
         rows = [json.loads(x) for x in (root / "run1" / "metrics.jsonl").read_text().splitlines()]
         page.wait_for_function("() => +document.querySelector('#chart-loss svg')"
                                f".getAttribute('data-points') === {sum('loss' in r for r in rows)}")
+        shot("runs")
 
         # Evaluation: the accuracy cells are report.json's.
         report = json.loads((root / "run1" / "eval" / "report.json").read_text())
