@@ -99,6 +99,8 @@ class JsonSchemaFormat(_Strict):
 
 def _format_type(value: object) -> str | None:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    if not isinstance(kind, str):  # {"type": {}} is a 400, not a TypeError (schemathesis)
+        return None
     return {"text": "Text", "json_object": "JsonObject", "json_schema": "JsonSchema"}.get(kind)
 
 

@@ -308,3 +308,15 @@ def test_adapter_paths_the_os_cannot_take_are_400(server):
     err = _error(_complete(http, model="loop"), 404)  # found on demand: a loop is no adapter
     assert err["code"] == "model_not_found"
     assert service.registry.get("x") is None and _complete(http).status_code == 200
+
+
+@pytest.mark.parametrize("kind", [{}, [], 1, None, True])
+def test_response_format_of_a_type_that_is_no_string_is_400(server, kind):
+    """`"response_format": {"type": {}}` raised TypeError in the union's discriminator (HTTP 500,
+    and uvicorn dropped the connection, so the client's next request on it failed too)."""
+    http, _ = server
+    body = {"model": "ad0", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "response_format": {"type": kind}}
+    err = _error(http.post("/v1/chat/completions", json=body), 400)
+    assert err["message"].startswith("response_format: expected type text, json_object or "
+                                     "json_schema"), err
