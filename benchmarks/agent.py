@@ -39,8 +39,16 @@ def run_tasks(client, model: str, intent_model: str | None, tasks: list[dict],
     from lorakit.examples.agent.loop import Agent, score, summarize
 
     agent = Agent(client, model, intent_model=intent_model)
+    start = time.monotonic()
+
+    def run(task: dict):
+        t = agent.run(task["message"])
+        print(f"  {model} {task['id']} ({time.monotonic() - start:.0f} s): "
+              f"{' '.join(c['name'] for c in t.calls) or 'refused'}", flush=True)
+        return t
+
     with ThreadPoolExecutor(concurrency) as pool:
-        transcripts = list(pool.map(agent.run, [t["message"] for t in tasks]))
+        transcripts = list(pool.map(run, tasks))
     scores = [score(task, t) for task, t in zip(tasks, transcripts)]
     rows = [{"id": task["id"], "kind": task["kind"], **s, **t.to_json()}
             for task, s, t in zip(tasks, scores, transcripts)]

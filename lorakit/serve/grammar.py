@@ -110,22 +110,24 @@ class Constraint:
                                              bitmask_row.numel() * bitmask_row.element_size())
 
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
-
-
 def allowed_tokens(constraints: list[Constraint], vocab_size: int) -> torch.Tensor:
     """(k, vocab_size) bool: the tokens each constraint allows next. Tokens past the grammar's
     vocabulary (padding columns of the logits) are never allowed."""
+    import numpy as np
+
     n_vocab = constraints[0].compiler.ll_tokenizer.vocab_size
     words = (n_vocab + 31) // 32
     bitmask = torch.zeros(len(constraints), words, dtype=torch.int32)
     for row, c in enumerate(constraints):
         c.fill(bitmask[row])
-    bits = ((bitmask.unsqueeze(-1) >> _SHIFTS) & 1).reshape(len(constraints), words * 32).bool()
-    out = torch.zeros(len(constraints), vocab_size, dtype=torch.bool)
+    # Token 32 w + i is bit i of word w: little-endian words, so the bytes' bits in little order.
+    # numpy's unpackbits takes microseconds where the same shifts as torch ops took 10-30 ms
+    # on a busy 2-core CPU (one small parallel region per op).
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+    out = np.zeros((len(constraints), vocab_size), dtype=bool)
     n = min(vocab_size, n_vocab)
     out[:, :n] = bits[:, :n]
-    return out
+    return torch.from_numpy(out)
 
 
 def mask_logits(logits: torch.Tensor, constraints: list[Constraint | None]) -> torch.Tensor:
