@@ -2,7 +2,7 @@
 uvicorn on 127.0.0.1, the tiny Llama, four adapters in two slots, one adapter refused at load and
 one that overflows at run time): no traceback in the server's log, no 5xx, no hang, and every
 good request answered exactly as it is answered alone. The cases come from tests/serve/
-http_fuzz.py; `make test` sends about a hundred, `make test-slow` over five hundred malformed."""
+http_fuzz.py, the sending and checking from http_storm.py; `make test` sends about a hundred, `make test-slow` over five hundred malformed."""
 
 import random
 
@@ -11,7 +11,8 @@ import pytest
 
 from lorakit.serve.app import ServerThread, create_app
 from tests.serve.builders import http_service, make_adapter, make_dora_adapter
-from tests.serve.http_fuzz import LogWatch, check, good_calls, malformed_calls, send, storm
+from tests.serve.http_fuzz import good_calls, malformed_calls
+from tests.serve.http_storm import LogWatch, check, send, storm
 
 LIMITS = {"max_body_bytes": 100_000, "max_prompt_tokens": 64, "max_tokens": 250,
           "default_max_tokens": 8, "max_n": 2, "max_queue": 1024}
