@@ -154,3 +154,34 @@ def test_a_step_that_does_not_return_marks_the_engine_unhealthy(engine, tokenize
     finally:
         engine.stop(30)
     assert not engine.healthy
+
+
+def test_a_stuck_engine_turns_health_503(llama, tokenizer, tmp_path):
+    """Over HTTP: while one step does not return, /health answers 503 saying so (a load
+    balancer stops sending), requests wait rather than fail, and all is well once it moves."""
+    import httpx
+
+    from lorakit.serve.app import ServerThread, create_app
+    from tests.serve.builders import http_service
+
+    service = http_service(llama, tokenizer, tmp_path, adapters=1)
+    with ServerThread(create_app(service)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        service.engine.stall_timeout = 0.3
+        assert http.get("/health").json() == {"status": "ok"}
+        gate = threading.Event()
+        holder = threading.Thread(target=service.engine.call, args=(gate.wait,), daemon=True)
+        holder.start()
+        body = {"model": "ad0", "prompt": "hello", "max_tokens": 3, "temperature": 0}
+        waiting = threading.Thread(target=lambda: results.append(http.post("/v1/completions",
+                                                                           json=body)))
+        results = []
+        waiting.start()
+        time.sleep(0.6)
+        r = http.get("/health")
+        assert r.status_code == 503 and r.json()["status"].startswith("engine stalled: one step "
+                                                                      "has run for")
+        assert not results  # waiting, not failed
+        gate.set()
+        holder.join(10)
+        waiting.join(30)
+        assert results[0].status_code == 200 and http.get("/health").status_code == 200
