@@ -36,6 +36,7 @@ class Call:
     chunked: bool = False  # send the body without a Content-Length
     raw: bytes | None = None  # bytes written to a socket as they are (framing errors)
     error_event: bool = False  # a stream whose generation fails: 200, then an error event
+    walk_away: float | None = None  # the client leaves after this many seconds (any answer)
 
 
 def _json(obj) -> bytes:
@@ -160,7 +161,8 @@ _WRONG_CHAT = {
                  ([{"role": "USER", "content": "x"}], 400), ([None], 400), ([["user", "x"]], 400),
                  ([{"role": "user", "content": "x", "name": 5}], 400),
                  ([{"role": 1, "content": "x"}], 400), (None, 400), ([{"role": "tool"}], 400),
-                 ([{"role": "user", "content": "x", "tool_calls": []}], 400),
+                 ([{"role": "user", "content": "x", "tool_calls": [{"id": "c", "type": "function",
+                   "function": {"name": "f", "arguments": "{}"}}]}], 400),
                  ([{"role": "assistant", "content": None}], 400),
                  ([{"role": "tool", "content": "x", "tool_call_id": 5}], 400)],
     "max_completion_tokens": [(0, 400), ("1", 400), (10**6, 422), (True, 400), (2.5, 400)],
@@ -230,7 +232,7 @@ def malformed_calls(rng: random.Random, n: int, models: list[str], bad_adapters:
     (400: refused at load; 200 with an error event in a stream when it fails in the batch)."""
     families = [_syntax, _top_level, _missing, _unknown_field, _wrong_field, _wrong_field,
                 _wrong_field, _deep, _bad_model, _bad_adapter, _bad_prompt, _content_type,
-                _oversized, _route, _admin, _raw]
+                _oversized, _route, _admin, _raw, _walk_away]
     out = []
     while len(out) < n:
         make = rng.choice(families)
@@ -463,3 +465,13 @@ _RAW = [
 
 def _raw(rng, _models, _bad, _vocab, _limits) -> Call:
     return Call("raw http", raw=rng.choice(_RAW), expect=(400, 404, 405, 413, 415, 0))
+
+
+def _walk_away(rng, models, _bad, _vocab, limits) -> Call:
+    """A long request whose client leaves early, streaming or not: its rows must be cancelled
+    and its adapter slot given back (checked after the storm), nobody else disturbed."""
+    chat, path = _pick(rng)
+    body = _base_body(rng, chat, rng.choice(models))
+    body.update(max_tokens=limits["max_tokens"] // 2, ignore_eos=True, stream=rng.random() < 0.5)
+    return Call("client walks away", path=path, body=_json(body), expect=(200,),
+                walk_away=rng.choice([0.0, 0.05, 0.3]))

@@ -94,12 +94,28 @@ def send(client: httpx.Client, call: Call, timeout: float) -> Outcome:
     if call.raw is not None:
         return _send_raw(str(client.base_url), call.raw, timeout)
     start = time.monotonic()
+    if call.walk_away is not None:
+        return _walk_away(client, call, start)
     content = call.body
     if call.chunked and content is not None:
         content = iter([content[:len(content) // 2], content[len(content) // 2:]])
     r = client.request(call.method, call.path, content=content, headers=call.headers,
                        timeout=timeout)
     return Outcome(r.status_code, _answer(call, r), time.monotonic() - start)
+
+
+def _walk_away(client: httpx.Client, call: Call, start: float) -> Outcome:
+    """Send, wait `call.walk_away` seconds (reading a stream's first bytes), then close the
+    connection without reading the answer."""
+    with httpx.Client(base_url=client.base_url, timeout=call.walk_away + 0.01) as own:
+        try:
+            with own.stream(call.method, call.path, content=call.body, headers=call.headers) as r:
+                status = r.status_code
+                if status == 200 and call.walk_away:
+                    next(r.iter_raw(), None)
+        except httpx.TimeoutException:  # left before the answer began: nobody will read it
+            status = 200
+    return Outcome(status, None, time.monotonic() - start)
 
 
 class LogWatch(logging.Handler):

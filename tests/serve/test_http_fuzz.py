@@ -63,6 +63,8 @@ def run_storm(llama, tokenizer, tmp_path, seed: int, n_bad: int, n_good: int) ->
             metrics = http.get("/metrics").text
         engine = service.engine
         assert not engine.running and not engine.waiting
+        if sum(c.walk_away == 0.0 for c in calls) >= 2:  # clients that left before any answer
+            assert engine.finished["cancelled"] >= 1, engine.finished
         assert all(service.cache.slots.in_use(name) == 0 for name in models[1:] + ["overflow"])
     assert not failures, f"{len(failures)} of {len(calls)} calls failed:\n" + "\n".join(failures[:40])
     assert 'status="5' not in metrics
