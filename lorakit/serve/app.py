@@ -328,8 +328,9 @@ def create_app(service: Service, run_engine: bool = True):
         when tools were offered, logprobs when asked for."""
         extra, text, reason = {}, job.text, job.finish_reason
         if job.params.logprobs is not None:
-            extra["logprobs"] = (chat_logprobs if chat else completion_logprobs)(
-                service.tokenizer, job.logprobs)
+            extra["logprobs"] = chat_logprobs(service.tokenizer, job.logprobs,
+                                              service.grammar.token_bytes) if chat else \
+                completion_logprobs(service.tokenizer, job.logprobs)
         if chat and req.tools:
             text, calls = parse_answer(job.text)
             if calls:
@@ -344,7 +345,7 @@ def create_app(service: Service, run_engine: bool = True):
         offset = len(service.tokenizer.decode([e[0] for e in job.logprobs[:sent[i]]])) \
             if not chat and sent[i] else 0
         sent[i] += len(entries)
-        return (chat_logprobs(service.tokenizer, entries) if chat
+        return (chat_logprobs(service.tokenizer, entries, service.grammar.token_bytes) if chat
                 else completion_logprobs(service.tokenizer, entries, offset))
 
     async def _cancel_on_disconnect(request: HttpRequest, jobs: list[Request]) -> None:

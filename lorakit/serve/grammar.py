@@ -51,6 +51,10 @@ class GrammarCompiler:
                     eos_token=self.eos_ids or None)
             return self._ll
 
+    def token_bytes(self, token: int) -> bytes:
+        """A token's own bytes, as the grammar sees them (logprobs' `bytes`)."""
+        return self.ll_tokenizer.decode_bytes([token])
+
     def json_schema(self, schema: dict) -> str:
         """The grammar of compact JSON valid under `schema`; `GrammarError` if it cannot compile."""
         from llguidance import LLMatcher

@@ -16,10 +16,13 @@ def _token(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def chat_logprobs(tokenizer, entries: list[Entry]) -> dict:
+def chat_logprobs(tokenizer, entries: list[Entry], token_bytes=None) -> dict:
+    """`token_bytes(id)`: a token's own bytes (a byte-level token may hold part of a UTF-8
+    character, which its decoded text cannot show); default: its text's UTF-8."""
     def one(tid: int, lp: float) -> dict:
         text = _token(tokenizer, tid)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        raw = token_bytes(tid) if token_bytes is not None else text.encode("utf-8")
+        return {"token": text, "logprob": lp, "bytes": list(raw)}
 
     return {"content": [{**one(tid, lp), "top_logprobs": [one(t, v) for t, v in top]}
                         for tid, lp, top in entries]}

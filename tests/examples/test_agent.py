@@ -74,7 +74,7 @@ def test_final_answer_states_what_the_tools_found(db):
         "Kids balance bike is available; pickup in Portobello."
 
 
-def test_agent_against_a_live_tiny_server(tmp_path):
+def test_agent_against_a_live_tiny_server(tmp_path, capsys):
     jsonschema = pytest.importorskip("jsonschema")
     from openai import OpenAI
 
@@ -106,6 +106,16 @@ def test_agent_against_a_live_tiny_server(tmp_path):
                     assert call["result"]["intent"] in LABELS
             s = score(task, t)
             assert 0 <= s["correct_steps"] <= s["steps"]
+        # `lorakit agent` prints the calls and the answer (or the guard's refusal)
+        from lorakit.cli import main
+
+        assert main(["agent", tasks["injection"]["message"], "--base-url", srv.url,
+                     "--model", "ad0"]) == 0
+        assert main(["agent", tasks["offer"]["message"], "--base-url", srv.url, "--model", "ad0",
+                     "--max-steps", "1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("guard: refused") and printed[1].startswith("answer: I can only")
+    assert printed[2].startswith("-> ") and printed[-1].startswith("answer: ")
 
 
 def test_toolchoice_data_is_the_served_rendering_and_not_the_tasks():

@@ -189,6 +189,8 @@ def test_logprobs_penalties_logit_bias_over_http(server, tokenizer):
     assert got.message.content == tokenizer.decode(want, skip_special_tokens=True)
     plain, _ = _greedy_reference(model, ids, 8)
     assert want != plain  # the penalties and bias changed the answer
+    raw = b"".join(bytes(e.bytes) for e in got.logprobs.content)
+    assert raw.decode("utf-8", errors="replace") == got.message.content  # whole bytes per token
     for entry, tok, lp in zip(got.logprobs.content, want, lps):
         assert entry.logprob == pytest.approx(float(lp[tok]), abs=1e-4)
         top = lp.topk(3)
