@@ -7,7 +7,7 @@ The messages come from templates and the catalog, seeded with `random.Random` on
 wordings of the 50 scripted tasks (tasks.jsonl) is used, and the test asserts no task message
 appears here. Every assistant turn (each call) is supervised.
 
-    python -m lorakit.examples.agent.make_data --out lorakit/examples/agent/toolchoice_train.jsonl
+    python -m lorakit.examples.agent.make_data --out lorakit/examples/agent/toolchoice_train.jsonl --rows 400
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ INFO = ["what shape is the {name} in", "any damage on the {name}?",
         "is the {name} from a smoke free home", "what are the dimensions of the {name}"]
 OTHER = ["good morning", "do you ship abroad?", "what time is it", "you're a scammer",
          "cheers mate", "how do I reset my password", "can you recommend a good plumber"]
+OPEN = ["", "", "hi, ", "hello! ", "hey there, ", "good evening. ", "morning, "]
+CLOSE = ["", "", "?", " thanks", " cheers", ", ta", " :)"]
+KINDS = ["availability", "offer", "info"] * 3 + ["other"]  # one message in ten has no listing
 STOP = {"with", "and", "inch", "size", "two", "four", "three", "of", "the"}
 
 
@@ -51,11 +54,13 @@ def conversation(rng: random.Random, db, kind: str) -> tuple[str, list[dict]]:
     """(buyer message, [(call, result)]) of the ideal sequence for one generated message."""
     item = rng.choice(catalog_rows())
     name = _name(rng, item["title"])
+    wrap = rng.choice(OPEN) + "{}" + rng.choice(CLOSE)
     if kind == "other":
-        return rng.choice(OTHER), [(_call("classify_intent", {}), {"intent": "irrelevant"})]
+        return wrap.format(rng.choice(OTHER)), [(_call("classify_intent", {}),
+                                                 {"intent": "irrelevant"})]
     price = max(1, round(item["price"] * rng.uniform(0.5, 1.0)))
     template = {"availability": AVAILABLE, "offer": OFFER, "info": INFO}[kind]
-    message = rng.choice(template).format(name=name, price=price)
+    message = wrap.format(rng.choice(template).format(name=name, price=price))
     intent = {"availability": "item availability", "offer": "price negotiation",
               "info": rng.choice(["item condition", "item aspects"])}[kind]
     found = lookup_item(db, name)
@@ -77,9 +82,8 @@ def rows(n: int, seed: int = 0) -> list[dict]:
     db = open_catalog()
     tools = [Tool.model_validate(t) for t in TOOLS]
     out = []
-    kinds = ["availability", "offer", "info", "other"]
     for i in range(n):
-        message, steps = conversation(rng, db, kinds[i % len(kinds)])
+        message, steps = conversation(rng, db, KINDS[i % len(KINDS)])
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": message}]
         for k, (call, result) in enumerate(steps):
             cid = f"call_{i}_{k}"
