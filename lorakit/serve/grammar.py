@@ -18,12 +18,14 @@ vLLM's llguidance backend does by default, so a small model cannot spin on blank
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 
 import torch
 
 COMPACT = {"whitespace_flexible": False}  # llguidance's JSON compile options: no optional spaces
+CACHED = 256  # grammars whose check is remembered
 
 
 class GrammarError(ValueError):
@@ -39,6 +41,7 @@ class GrammarCompiler:
         self.eos_ids = sorted(eos_ids)
         self._ll = None
         self._lock = threading.Lock()
+        self._verdicts: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     @property
     def ll_tokenizer(self):
@@ -72,12 +75,23 @@ class GrammarCompiler:
         return self._checked(LLMatcher.grammar_from_lark(text))
 
     def _checked(self, grammar: str) -> str:
+        """`grammar` once llguidance has checked it against the tokenizer (an agent sends the
+        same tools every step: the verdicts of the last `CACHED` grammars are kept)."""
         from llguidance import LLMatcher
 
-        try:
-            error = LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
-        except Exception as e:  # a grammar the Rust side refuses outright
-            error = f"{type(e).__name__}: {e}"
+        with self._lock:
+            error = self._verdicts.get(grammar)
+            if error is not None:
+                self._verdicts.move_to_end(grammar)
+        if error is None:
+            try:
+                error = LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
+            except Exception as e:  # a grammar the Rust side refuses outright
+                error = f"{type(e).__name__}: {e}"
+            with self._lock:
+                self._verdicts[grammar] = error
+                while len(self._verdicts) > CACHED:
+                    self._verdicts.popitem(last=False)
         if error:
             raise GrammarError(error.splitlines()[0][:300])
         return grammar
