@@ -111,15 +111,18 @@ _SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
     "type": "string", "description": "a chunk as JSON text; the last event's data is [DONE]"}}}
 
 
-def _publish_limits(components: dict, base_name: str, limits) -> None:
+def _publish_limits(components: dict, base_name: str, limits, vocab_size: int) -> None:
     """The server's own limits in the request schemas, so a client (or a schema-driven fuzzer)
-    knows that `max_tokens: 10000` is refused here, and a model name that exists."""
+    knows that `max_tokens: 10000` or token id 10**6 is refused here, and a model that exists."""
     strings = {"type": "array", "items": {"minLength": 1, "type": "string"}}
+    token_ids = {"type": "array", "items": {"minimum": 0, "type": "integer"}}
     bounds = [("max_tokens", {"type": "integer"}, {"maximum": limits.max_tokens}),
               ("max_completion_tokens", {"type": "integer"}, {"maximum": limits.max_tokens}),
               ("n", {"type": "integer"}, {"maximum": limits.max_n}),
               ("stop", strings, {"maxItems": limits.max_stop}),
-              ("prompt", strings, {"maxItems": limits.max_prompts})]  # not the token id list
+              ("prompt", strings, {"maxItems": limits.max_prompts}),  # not the token id list
+              ("prompt", token_ids, {"items": {"minimum": 0, "maximum": vocab_size - 1,
+                                               "type": "integer"}})]
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         props = components[name]["properties"]
         props["model"]["examples"] = [base_name]
@@ -173,7 +176,7 @@ def create_app(service: Service, run_engine: bool = True):
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(defs["$defs"])
             components["ErrorResponse"] = _ERROR_SCHEMA
-            _publish_limits(components, service.base_name, limits)
+            _publish_limits(components, service.base_name, limits, service.vocab_size)
             if api_key is not None:
                 schema["components"]["securitySchemes"] = {"bearer": {"type": "http",
                                                                       "scheme": "bearer"}}

@@ -171,8 +171,8 @@ def test_openapi_json_describes_the_requests(llama, tokenizer, tmp_path):
     # What this server takes, so schemathesis's valid requests are valid here (it found each).
     assert props["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 8}
     assert props["n"]["anyOf"][0]["maximum"] == 2 and props["model"]["examples"] == ["tiny-base"]
-    assert props["prompt"]["anyOf"][1] == {"type": "array", "items": {"type": "integer",
-                                           "minimum": 0}, "minItems": 1}  # token ids: no maxItems
+    assert props["prompt"]["anyOf"][1] == {"type": "array", "items": {  # token ids: no maxItems
+        "type": "integer", "minimum": 0, "maximum": service.vocab_size - 1}, "minItems": 1}
     assert props["prompt"]["anyOf"][2]["maxItems"] == 16 and props["stop"]["anyOf"][1]["maxItems"] == 4
     assert props["echo"]["enum"] == [False, None] and props["best_of"]["enum"] == [1, None]
     assert models["RegisterAdapter"]["properties"]["name"]["maxLength"] == 128
