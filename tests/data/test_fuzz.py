@@ -29,7 +29,7 @@ from lorakit.sweep.config import load_sweep, plan
 from tests import tiny
 
 SEED = 16
-FAST, TOTAL = 50, 240
+FAST, TOTAL = 50, 300
 
 GOOD = [
     {"instruction": "what colour is the sky?", "output": "blue"},
