@@ -124,6 +124,20 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """A batch of token lists left-padded to one width: (input_ids, attention_mask, positions),
+    each (B, T) on `device`. Positions count real tokens only, so the padding shifts none (as
+    transformers' `generate` does for left-padded rows)."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def predict_labels_reference(model, tokenizer, prompts: list[list[int]], labels: list[str],
                              end_token_id: int | None = None) -> list[str]:
@@ -154,15 +168,7 @@ def _decode_batch(model, root: TrieNode, prompts: list[list[int]], pad_id: int) 
     """Constrained greedy decoding of one left-padded batch with the KV cache."""
     device = _device(model)
     keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    # Left padding would otherwise shift every real token's position by the pad count.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    input_ids, mask, positions = left_padded(prompts, pad_id, device)  # (B, T) each
     out = _forward(model, keep_last, input_ids=input_ids, attention_mask=mask, position_ids=positions)
     cache, logits = cache_of(out), out.logits[:, -1].float()  # (B, V)
     next_pos = positions[:, -1] + 1  # (B,)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from lorakit.errors import LorakitError
-from lorakit.eval.classify import end_of_turn_id
+from lorakit.eval.classify import _device, end_of_turn_id, left_padded
 from lorakit.models.head import contiguous_head_input
 from lorakit.models.load import cache_of, with_cache
 
@@ -27,10 +27,6 @@ def _stop_ids(tokenizer, end_token_id: int | None) -> set[int]:
     if tokenizer.eos_token_id is not None:
         stop.add(int(tokenizer.eos_token_id))
     return stop
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _decode(tokenizer, ids: list[int]) -> str:
@@ -61,14 +57,7 @@ def _generate_batch(model, prompts: list[list[int]], pad_id: int, stop: set[int]
     device = _device(model)
     keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
     extra = {"logits_to_keep": 1} if keep_last else {}
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding shifts no position
+    input_ids, mask, positions = left_padded(prompts, pad_id, device)  # (B, T) each
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
     cache, logits = cache_of(out), out.logits[:, -1].float()  # (B, V)
     next_pos = positions[:, -1] + 1  # (B,)

@@ -299,14 +299,14 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _json_ready(obj):
-    # Standard JSON has no Infinity/NaN (an overflowed perplexity); write null instead.
+def json_ready(obj):
+    """`obj` with NaN and Infinity (an overflowed perplexity) as None: standard JSON has neither."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _json_ready(v) for k, v in obj.items()}
+        return {k: json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
+        return [json_ready(v) for v in obj]
     return obj
 
 
@@ -337,7 +337,7 @@ def write_report(results: dict, out_dir, examples=None) -> tuple[Path, Path]:
     rows = answer_rows(results, examples)
     if rows is not None:
         write_text(out / ANSWERS_JSONL, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_text(json_path, json.dumps(_json_ready(results), indent=2, ensure_ascii=False) + "\n")
+    write_text(json_path, json.dumps(json_ready(results), indent=2, ensure_ascii=False) + "\n")
     write_text(md_path, md)
     return json_path, md_path
 

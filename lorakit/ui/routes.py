@@ -15,12 +15,12 @@ the key when one is set, and the page asks for it on the first 401.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from fastapi import Request  # a module name: FastAPI resolves the routes' annotations here
 
 from lorakit.errors import LorakitError
+from lorakit.eval.run import json_ready
 from lorakit.serve.protocol import ApiError
 from lorakit.ui.roots import Roots
 from lorakit.ui.runs import RunManager
@@ -30,17 +30,6 @@ _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=
           ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
 _FILE_TYPES = {".png": "image/png", ".svg": "image/svg+xml"}  # what /ui/api/file serves
 MAX_SCAN_DEPTH = 4  # folders below the runs root searched for reports and sweeps
-
-
-def _json_ready(obj):
-    """JSON without NaN/Infinity (an overflowed perplexity), as write_report does."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
-    return obj
 
 
 class PageShell:
@@ -152,11 +141,11 @@ def mount_ui(app, service, runs_root: str | Path, adapters_root: str | Path | No
 
     @app.get("/ui/api/runs")
     def list_runs():
-        return {"data": _json_ready(runs.runs())}
+        return {"data": json_ready(runs.runs())}
 
     @app.get("/ui/api/runs/{name}")
     def run_detail(name: str):
-        return _json_ready(runs.detail(name))
+        return json_ready(runs.detail(name))
 
     @app.get("/ui/api/runs/{name}/metrics")
     def run_metrics(name: str, since: int = 0):
@@ -164,7 +153,7 @@ def mount_ui(app, service, runs_root: str | Path, adapters_root: str | Path | No
 
         run = roots.run_dir(name)
         rows = read_metrics(run / "metrics.jsonl", max(since, 0))
-        return {"since": since, "rows": _json_ready(rows), **runs.status(run)}
+        return {"since": since, "rows": json_ready(rows), **runs.status(run)}
 
     @app.post("/ui/api/validate")
     async def validate_form(request: Request):
@@ -202,16 +191,16 @@ def mount_ui(app, service, runs_root: str | Path, adapters_root: str | Path | No
         from starlette.concurrency import run_in_threadpool
 
         data = await body(request)
-        return _json_ready(await run_in_threadpool(runs.start, data.get("name"), data.get("config"),
+        return json_ready(await run_in_threadpool(runs.start, data.get("name"), data.get("config"),
                                                    data.get("overrides") or []))
 
     @app.post("/ui/api/runs/{name}/stop")
     def stop_run(name: str):
-        return _json_ready(runs.stop(name))
+        return json_ready(runs.stop(name))
 
     @app.post("/ui/api/runs/{name}/resume")
     def resume_run(name: str):
-        return _json_ready(runs.resume(name))
+        return json_ready(runs.resume(name))
 
     @app.get("/ui/api/reports")
     def reports():
@@ -230,7 +219,7 @@ def mount_ui(app, service, runs_root: str | Path, adapters_root: str | Path | No
             raise ApiError(400, f"{full}: not a readable report ({e})") from None
         rows = data.get("rows") if isinstance(data, dict) else None
         inputs = _report_inputs(full, roots, rows) if isinstance(rows, int) else None
-        return _json_ready({"path": roots.relative(full), "report": data, "inputs": inputs})
+        return json_ready({"path": roots.relative(full), "report": data, "inputs": inputs})
 
     @app.get("/ui/api/sweeps")
     def sweeps():
@@ -244,7 +233,7 @@ def mount_ui(app, service, runs_root: str | Path, adapters_root: str | Path | No
                         "summary": summary.read_text() if summary.is_file() else None,
                         "plots": [roots.relative(p) for p in sorted(plots.glob("*.png"))]
                         if plots.is_dir() else []})
-        return _json_ready({"data": out})
+        return json_ready({"data": out})
 
     @app.get("/ui/api/file")
     def file(path: str):
