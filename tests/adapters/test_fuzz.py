@@ -354,7 +354,7 @@ def reference_logits(base, d: Path, ids) -> torch.Tensor:
     return model(ids).logits
 
 
-def run_checker(cases: list[Case], offset: int, world) -> None:
+def run_checker(cases: list[Case], offset: int, world) -> list[str]:
     tmp, base, templates, ids, base_logits = world
     root, outside = tmp / f"root{offset}", tmp / f"outside{offset}"
     root.mkdir()
@@ -393,19 +393,21 @@ def run_checker(cases: list[Case], offset: int, world) -> None:
                                 f"{(got - want).abs().max().item():.3g}")
             if torch.allclose(got, base_logits, atol=1e-3):
                 failures.append(f"{case.label}: the adapter changes nothing")
-    assert not failures, "\n".join(failures)
+    return failures
 
 
 def test_checker_fast(world):
-    run_checker(CASES[:FAST], 0, world)
+    failures = run_checker(CASES[:FAST], 0, world)
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.slow
 def test_checker_slow(world):
-    run_checker(CASES[FAST:], FAST, world)
+    failures = run_checker(CASES[FAST:], FAST, world)
+    assert not failures, "\n".join(failures)
 
 
-def run_server(cases: list[Case], world, tokenizer, tmp_path) -> None:
+def run_server(cases: list[Case], world, tokenizer, tmp_path) -> list[str]:
     """Register each case through the admin API (bad ones also requested by name, on demand)
     into one live server: no 5xx, good ones answer as alone, ad0 keeps its answer."""
     _, base, templates, _, _ = world
@@ -441,13 +443,15 @@ def run_server(cases: list[Case], world, tokenizer, tmp_path) -> None:
         assert sorted(row["name"] for row in listed.json()["data"]) == sorted(
             ["ad0"] + [f"c{i:03d}" for i, c in enumerate(cases) if c.good])
         assert http.get("/v1/models").status_code == 200
-    assert not failures, "\n".join(failures)
+    return failures
 
 
 def test_live_server_fast(world, tokenizer, tmp_path):
-    run_server([c for c in CASES[:FAST]][:24], world, tokenizer, tmp_path)
+    failures = run_server(CASES[:FAST][:24], world, tokenizer, tmp_path)
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.slow
 def test_live_server_slow(world, tokenizer, tmp_path):
-    run_server(CASES, world, tokenizer, tmp_path)
+    failures = run_server(CASES, world, tokenizer, tmp_path)
+    assert not failures, "\n".join(failures)
